@@ -1,0 +1,37 @@
+"""imagepiece: ImagePiece, EViT and ToMe token reduction for timm Vision Transformers.
+
+>>> import timm, imagepiece
+>>> model = timm.create_model("deit_small_patch16_224")
+>>> imagepiece.patch(model, "imagepiece", keep_rate=0.7)  # doctest: +SKIP
+"""
+
+from .patch import BlockTrace, Controller, is_patched, patch, supported_models, unpatch
+from .plan import (
+    PRESETS,
+    Merge,
+    Prune,
+    ReductionPlan,
+    Retokenize,
+    keep_rate_warmup,
+    make_plan,
+    tome_schedule,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "BlockTrace",
+    "Controller",
+    "Merge",
+    "Prune",
+    "ReductionPlan",
+    "Retokenize",
+    "is_patched",
+    "keep_rate_warmup",
+    "make_plan",
+    "patch",
+    "supported_models",
+    "tome_schedule",
+    "unpatch",
+]

@@ -1,0 +1,336 @@
+"""Pure tensor operations behind every token-reduction method.
+
+Nothing here knows about models or modules: each function takes token tensors and returns
+new ones. Tokens are laid out ``[prefix | patch tokens]`` along dim 1; prefix tokens (class,
+distillation, register tokens) are never merged, pruned or fused.
+
+A decision (which tokens merge, which are kept) is computed once as index tensors and then
+applied to every per-token tensor that travels with the tokens (features, sizes, centroids,
+source maps) with :func:`apply_merge` / :func:`apply_select`, so no sort is repeated.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+__all__ = [
+    "MergeIndex",
+    "merge_weighted",
+    "size_weighted_mean",
+    "SelectIndex",
+    "apply_merge",
+    "apply_select",
+    "bipartite_matching",
+    "class_attention",
+    "initial_positions",
+    "initial_sources",
+    "prune_select",
+    "proportional_bias",
+    "retokenize_matching",
+]
+
+
+# --------------------------------------------------------------------------------------
+# Scores
+# --------------------------------------------------------------------------------------
+
+
+def class_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    num_prefix: int,
+    has_class_token: bool,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Head-averaged post-softmax attention that the patch tokens receive from one query.
+
+    With a class token this is the [CLS] query row (EViT's score). Without one there is no
+    [CLS] query; we use the mean query as a stand-in, which ranks tokens by how much an
+    average token attends to them, at the same O(N·d) cost. Returns ``(B, N - num_prefix)``.
+
+    q, k: ``(B, H, N, d)``; bias: ``(B, 1, 1, N)`` additive logit bias (proportional attention).
+    """
+    query = q[:, :, :1] if has_class_token else q.mean(dim=2, keepdim=True)
+    logits = (query * scale) @ k.transpose(-2, -1)  # (B, H, 1, N)
+    if bias is not None:
+        logits = logits + bias
+    attn = logits.float().softmax(dim=-1).mean(dim=1)[:, 0]  # (B, N)
+    return attn[:, num_prefix:].to(q.dtype)
+
+
+def proportional_bias(size: torch.Tensor) -> torch.Tensor:
+    """Additive attention bias ``log(size)`` of each key, shaped ``(B, 1, 1, N)`` for SDPA."""
+    return size.log()[:, None, None, :]
+
+
+# --------------------------------------------------------------------------------------
+# Initial per-token state
+# --------------------------------------------------------------------------------------
+
+
+def initial_sources(batch: int, num_prefix: int, num_patches: int, device, dtype) -> torch.Tensor:
+    """0/1 map ``(B, P + n, n)``: which original patches each token stands for.
+
+    Prefix tokens stand for no patch (zero rows), so a source map sums to the patch count.
+    """
+    eye = torch.eye(num_patches, device=device, dtype=dtype)
+    src = torch.cat([torch.zeros(num_prefix, num_patches, device=device, dtype=dtype), eye], dim=0)
+    return src.unsqueeze(0).expand(batch, -1, -1)
+
+
+def initial_positions(
+    batch: int, num_prefix: int, grid: tuple[int, int], device, dtype
+) -> torch.Tensor:
+    """Grid centroids ``(B, P + n, 2)`` as (row, col) in patch units; prefix tokens at 0."""
+    rows, cols = grid
+    yy, xx = torch.meshgrid(
+        torch.arange(rows, device=device, dtype=dtype),
+        torch.arange(cols, device=device, dtype=dtype),
+        indexing="ij",
+    )
+    pos = torch.stack([yy.reshape(-1), xx.reshape(-1)], dim=-1)
+    pos = torch.cat([torch.zeros(num_prefix, 2, device=device, dtype=dtype), pos], dim=0)
+    return pos.unsqueeze(0).expand(batch, -1, -1)
+
+
+# --------------------------------------------------------------------------------------
+# Merging
+# --------------------------------------------------------------------------------------
+
+
+class MergeIndex(NamedTuple):
+    """A merge decision on a sequence, reusable for any per-token tensor.
+
+    The output is ``keep`` tokens gathered from the input (in that order) followed by
+    ``dst`` tokens; ``src`` tokens are added into ``dst`` slot ``dst_slot``.
+    """
+
+    keep: torch.Tensor  # (B, K) input indices copied to the front of the output
+    dst: torch.Tensor  # (B, D) input indices of the destination tokens (appended after keep)
+    src: torch.Tensor  # (B, r) input indices of the tokens merged away
+    dst_slot: torch.Tensor  # (B, r) which of the D destinations each source joins
+    similarity: torch.Tensor  # (B, r) matching score of each merged pair (for analysis)
+
+
+def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def apply_merge(index: MergeIndex, x: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
+    """Apply a merge decision to ``x`` of shape ``(B, N, C)``.
+
+    ``reduce="sum"`` adds sources into destinations (use on ``x * size`` and on ``size`` for a
+    size-weighted average); ``"amax"`` is for 0/1 source maps.
+    """
+    if index.src.shape[1] == 0:
+        return x
+    kept = _gather(x, index.keep)
+    dst = _gather(x, index.dst)
+    src = _gather(x, index.src)
+    slot = index.dst_slot.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+    dst = dst.scatter_reduce(1, slot, src, reduce=reduce)
+    return torch.cat([kept, dst], dim=1)
+
+
+def _best_matches(
+    a: torch.Tensor, b: torch.Tensor, penalty: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bipartite soft matching core: each A row picks its best B column.
+
+    Returns (order of A rows by best score descending, best column per A, best score per A,
+    raw cosine of the best pair). ``penalty`` (added to scores) encodes protection/locality.
+    """
+    a = a / a.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    b = b / b.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    cos = a @ b.transpose(-1, -2)
+    scores = cos if penalty is None else cos + penalty
+    best, best_idx = scores.max(dim=-1)
+    order = best.argsort(dim=-1, descending=True)
+    best_cos = cos.gather(-1, best_idx.unsqueeze(-1)).squeeze(-1)
+    return order, best_idx, best, best_cos
+
+
+def bipartite_matching(metric: torch.Tensor, r: int, num_prefix: int) -> MergeIndex:
+    """ToMe's bipartite soft matching (Bolya et al., ICLR 2023) over the whole sequence.
+
+    Tokens alternate by position into A (even) and B (odd); each A token finds its most similar
+    B token (cosine of ``metric``) and the r A tokens with the highest best-score merge into
+    their match. Prefix tokens are protected (never a source when in A, never a destination when
+    in B); with one class token and a distillation token this is exactly ToMe's rule, and with
+    registers it generalises it. r is capped at ``(N - num_prefix) // 2``. The output keeps
+    prefix tokens in their original order at the front, then unmerged A, then B; unmerged A go
+    back to positional order when there are prefix tokens (ToMe sorts when there is a [CLS]).
+    r = 0 returns an identity decision.
+    """
+    B, N, _ = metric.shape
+    r = min(r, (N - num_prefix) // 2)
+    device = metric.device
+    a_pos = torch.arange(0, N, 2, device=device)
+    b_pos = torch.arange(1, N, 2, device=device)
+    if r <= 0:
+        keep = torch.arange(N, device=device).expand(B, -1)
+        empty = keep[:, :0]
+        return MergeIndex(keep, empty, empty, empty, metric.new_zeros(B, 0))
+
+    na, nb = a_pos.numel(), b_pos.numel()
+    penalty = None
+    if num_prefix:
+        penalty = metric.new_zeros(na, nb)
+        pa, pb = (num_prefix + 1) // 2, num_prefix // 2
+        penalty[:pa, :] = -math.inf
+        penalty[:, :pb] = -math.inf
+    order, best_idx, _, best_cos = _best_matches(metric[:, ::2], metric[:, 1::2], penalty)
+    src_a = order[:, :r]
+    unm_a = order[:, r:]
+    if num_prefix:
+        unm_a = unm_a.sort(dim=-1).values
+    dst_slot = best_idx.gather(1, src_a)
+    similarity = best_cos.gather(1, src_a)
+
+    a_map = a_pos.expand(B, -1)
+    b_map = b_pos.expand(B, -1)
+    unm = a_map.gather(1, unm_a)
+    src = a_map.gather(1, src_a)
+    pa, pb = (num_prefix + 1) // 2, num_prefix // 2
+    if num_prefix:
+        # Prefix tokens sit at the front of unmerged A (sorted) and of B; interleaving them
+        # (A0, B0, A1, ...) restores their original order 0, 1, 2, ...
+        prefix = torch.arange(num_prefix, device=device).expand(B, -1)
+        keep = torch.cat([prefix, unm[:, pa:]], dim=1)
+        dst = b_map[:, pb:]
+        # prefix tokens in B are kept, not destinations: shift slots past them
+        dst_slot = dst_slot - pb
+    else:
+        keep, dst = unm, b_map
+    return MergeIndex(keep, dst, src, dst_slot, similarity)
+
+
+def retokenize_matching(
+    metric: torch.Tensor,
+    scores: torch.Tensor,
+    num_prefix: int,
+    num_nonsemantic: int,
+    r: int,
+    positions: torch.Tensor | None = None,
+    locality: float = 0.0,
+    grid_extent: float = 1.0,
+) -> MergeIndex:
+    """ImagePiece re-tokenization: merge similar non-semantic tokens, never semantic ones.
+
+    The ``num_nonsemantic`` patch tokens with the lowest class-attention ``scores`` form the
+    non-semantic set. It is put back in positional order and split alternately into A and B;
+    each A token finds its most similar B token by cosine of ``metric`` minus
+    ``locality · distance / grid_extent`` between grid centroids (nearby groups are favoured,
+    as pieces of one object usually are), and the ``r`` best pairs merge. Every token is a
+    source at most once. Output order: prefix, semantic tokens (by descending score), unmerged
+    non-semantic A tokens, then B tokens (the destinations). r = 0 is an identity decision.
+
+    metric: ``(B, N, C)``; scores: ``(B, N - P)``; positions: ``(B, N, 2)``.
+    """
+    B, N, _ = metric.shape
+    n = N - num_prefix
+    m = num_nonsemantic
+    if not 0 <= m <= n:
+        raise ValueError(f"num_nonsemantic={m} must lie in [0, {n}] (patch tokens present)")
+    if not 0 <= r <= m // 2:
+        raise ValueError(f"r={r} merges need 2r <= {m} non-semantic tokens")
+    device = metric.device
+    if r == 0:
+        keep = torch.arange(N, device=device).expand(B, -1)
+        empty = keep[:, :0]
+        return MergeIndex(keep, empty, empty, empty, metric.new_zeros(B, 0))
+
+    rank = scores.argsort(dim=-1, descending=True) + num_prefix  # one sort decides the sets
+    semantic = rank[:, : n - m]
+    nonsem = rank[:, n - m :].sort(dim=-1).values  # positional order so A/B alternate in space
+    a_idx, b_idx = nonsem[:, ::2], nonsem[:, 1::2]
+
+    penalty = None
+    if locality and positions is not None:
+        pa, pb = _gather(positions, a_idx), _gather(positions, b_idx)
+        penalty = -locality * torch.cdist(pa, pb) / grid_extent
+    order, best_idx, _, best_cos = _best_matches(
+        _gather(metric, a_idx), _gather(metric, b_idx), penalty
+    )
+    src_a, unm_a = order[:, :r], order[:, r:]
+    prefix = torch.arange(num_prefix, device=device).expand(B, -1)
+    keep = torch.cat([prefix, semantic, a_idx.gather(1, unm_a)], dim=1)
+    return MergeIndex(
+        keep=keep,
+        dst=b_idx,
+        src=a_idx.gather(1, src_a),
+        dst_slot=best_idx.gather(1, src_a),
+        similarity=best_cos.gather(1, src_a),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Selection (EViT)
+# --------------------------------------------------------------------------------------
+
+
+class SelectIndex(NamedTuple):
+    """A prune decision: ``keep`` input indices (prefix first, then kept patch tokens by
+    descending score) and the ``dropped`` patch-token indices with their raw scores."""
+
+    keep: torch.Tensor  # (B, P + k)
+    dropped: torch.Tensor  # (B, n - k)
+    dropped_weight: torch.Tensor  # (B, n - k) raw class-attention of dropped tokens
+
+
+def prune_select(scores: torch.Tensor, num_prefix: int, k: int) -> SelectIndex:
+    """EViT's top-k: keep the k patch tokens with the highest class attention.
+
+    Kept tokens come in descending score order (as in EViT); prefix tokens stay in front.
+    """
+    B, n = scores.shape
+    if not 0 < k <= n:
+        raise ValueError(f"k={k} kept tokens must lie in [1, {n}]")
+    order = scores.argsort(dim=-1, descending=True)
+    prefix = torch.arange(num_prefix, device=scores.device).expand(B, -1)
+    keep = torch.cat([prefix, order[:, :k] + num_prefix], dim=1)
+    dropped = order[:, k:]
+    return SelectIndex(keep, dropped + num_prefix, scores.gather(1, dropped))
+
+
+def apply_select(index: SelectIndex, x: torch.Tensor, fuse: str | None = None) -> torch.Tensor:
+    """Keep the selected tokens of ``(B, N, C)``; optionally append one fused token.
+
+    ``fuse="weighted"``: EViT's fused token ``Σ a_i x_i`` with the raw (not renormalised)
+    class-attention weights of the dropped tokens. ``fuse="sum"``: the plain sum, for sizes
+    (so sizes keep summing to the patch count). ``fuse="amax"``: union, for source maps.
+    """
+    kept = _gather(x, index.keep)
+    if fuse is None:
+        return kept
+    dropped = _gather(x, index.dropped)
+    if fuse == "weighted":
+        extra = (dropped * index.dropped_weight.unsqueeze(-1).to(x.dtype)).sum(1, keepdim=True)
+    elif fuse == "sum":
+        extra = dropped.sum(1, keepdim=True)
+    elif fuse == "amax":
+        extra = dropped.amax(1, keepdim=True)
+    else:
+        raise ValueError(f"fuse={fuse!r}; allowed: None, 'weighted', 'sum', 'amax'")
+    return torch.cat([kept, extra], dim=1)
+
+
+def size_weighted_mean(x: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of ``(B, N, C)`` weighted by ``size`` ``(B, N)``: a merged token counts
+    as the patches it replaced, so average pooling equals pooling over the original patches."""
+    w = size.unsqueeze(-1).to(x.dtype)
+    return (x * w).sum(1) / w.sum(1)
+
+
+def merge_weighted(
+    index: MergeIndex, x: torch.Tensor, size: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted average merge of features; sizes add up. Returns (x, size)."""
+    w = size.unsqueeze(-1).to(x.dtype)
+    merged = apply_merge(index, torch.cat([x * w, w], dim=-1), "sum")
+    new_size = merged[..., -1:]
+    return merged[..., :-1] / new_size, new_size.squeeze(-1).to(size.dtype)

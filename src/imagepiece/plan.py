@@ -1,0 +1,373 @@
+"""Reduction plans: which operation runs in which block, presets and schedules.
+
+A :class:`ReductionPlan` is a per-block list of operations (:class:`Merge` for ToMe,
+:class:`Prune` for EViT, :class:`Retokenize` for ImagePiece). :meth:`ReductionPlan.resolve`
+turns it into concrete integers for one input size. Token counts depend only on the input size
+and the plan, never on image content, so batches stay rectangular and shapes stay static.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Literal
+
+__all__ = [
+    "DEFAULT_LOCALITY",
+    "Merge",
+    "Prune",
+    "PRESETS",
+    "ReductionPlan",
+    "Retokenize",
+    "Step",
+    "default_blocks",
+    "keep_rate_warmup",
+    "make_plan",
+    "tome_schedule",
+]
+
+#: Default weight of the locality term of ImagePiece matching (cosine minus
+#: ``locality · distance / grid side``). Provisional until the Fashion-MNIST study tunes it.
+DEFAULT_LOCALITY = 0.1
+
+
+def _check_int(name: str, value, low: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}={value!r} is not allowed; expected an integer >= {low}")
+    return value
+
+
+def _check_keep_rate(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"keep_rate={value!r} is outside (0, 1]; expected 0 < keep_rate <= 1")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Merge:
+    """ToMe: merge the ``r`` most similar token pairs (bipartite soft matching), §3."""
+
+    r: int
+
+    def __post_init__(self):
+        _check_int("r", self.r)
+
+
+@dataclass(frozen=True)
+class Prune:
+    """EViT: keep ``ceil(keep_rate · n)`` patch tokens by class attention; fuse the rest, §4."""
+
+    keep_rate: float
+    fuse: bool = True
+
+    def __post_init__(self):
+        _check_keep_rate(self.keep_rate)
+
+
+@dataclass(frozen=True)
+class Retokenize:
+    """ImagePiece: merge similar, nearby non-semantic tokens among themselves, §5.
+
+    The non-semantic set is the bottom ``m`` patch tokens by class attention, where ``m`` is
+    - ``2 · r`` when ``r`` is given (``r`` merges, e.g. in place of a ToMe merge),
+    - else ``round(nonsemantic_share · n)`` when that is given,
+    - else the number the next :class:`Prune` block will drop (the paper's default).
+    Of those, ``floor(merge_share · m)`` pairs merge (0.5: every token pairs at most once).
+    """
+
+    merge_share: float = 0.5
+    nonsemantic_share: float | None = None
+    r: int | None = None
+    locality: float = DEFAULT_LOCALITY
+
+    def __post_init__(self):
+        if not (isinstance(self.merge_share, (int, float)) and 0 < self.merge_share <= 0.5):
+            raise ValueError(
+                f"merge_share={self.merge_share!r} is not allowed; expected 0 < merge_share <= 0.5 "
+                "(each non-semantic token pairs at most once, so at most half of them can merge)"
+            )
+        share = self.nonsemantic_share
+        if share is not None and not (isinstance(share, (int, float)) and 0 < share < 1):
+            raise ValueError(
+                f"nonsemantic_share={share!r} is not allowed; expected 0 < share < 1 "
+                "(1 would leave no semantic token)"
+            )
+        if self.r is not None:
+            _check_int("r", self.r)
+        if not (isinstance(self.locality, (int, float)) and math.isfinite(self.locality)
+                and self.locality >= 0):
+            raise ValueError(f"locality={self.locality!r} is not allowed; expected a finite value >= 0")
+
+
+Op = Merge | Prune | Retokenize
+
+
+@dataclass(frozen=True)
+class Step:
+    """One block's resolved operation, with its token counts (prefix tokens included)."""
+
+    kind: Literal["none", "merge", "prune", "retokenize"]
+    tokens_in: int
+    tokens_out: int
+    r: int = 0  # merges (merge, retokenize)
+    k: int = 0  # kept patch tokens (prune)
+    m: int = 0  # non-semantic set size (retokenize)
+    fuse: bool = False
+    locality: float = 0.0
+
+    @property
+    def needs_scores(self) -> bool:
+        return self.kind in ("prune", "retokenize")
+
+    @property
+    def needs_metric(self) -> bool:
+        return self.kind in ("merge", "retokenize")
+
+
+@dataclass(frozen=True)
+class ReductionPlan:
+    """Per-block operations (``None`` = nothing; missing trailing blocks = nothing).
+
+    ``prop_attn`` adds ``log(size)`` of each key to the attention logits wherever sizes differ
+    from 1 (ToMe's proportional attention).
+    """
+
+    ops: tuple[Op | None, ...] = ()
+    prop_attn: bool = True
+    name: str = "custom"
+
+    def __post_init__(self):
+        object.__setattr__(self, "ops", tuple(self.ops))
+        for i, op in enumerate(self.ops):
+            if op is not None and not isinstance(op, (Merge, Prune, Retokenize)):
+                raise TypeError(f"ops[{i}]={op!r} is not a Merge, Prune, Retokenize or None")
+
+    @property
+    def is_identity(self) -> bool:
+        return all(op is None or (isinstance(op, Merge) and op.r == 0) for op in self.ops)
+
+    @property
+    def keep_rate(self) -> float | None:
+        """Keep rate of the first prune block, or None if the plan prunes nothing."""
+        return next((op.keep_rate for op in self.ops if isinstance(op, Prune)), None)
+
+    def with_keep_rate(self, keep_rate: float) -> ReductionPlan:
+        """The same plan with every prune keep rate replaced (for the keep-rate warm-up)."""
+        keep_rate = _check_keep_rate(keep_rate)
+        ops = tuple(replace(op, keep_rate=keep_rate) if isinstance(op, Prune) else op
+                    for op in self.ops)
+        return replace(self, ops=ops)
+
+    def resolve(self, depth: int, num_tokens: int, num_prefix: int) -> tuple[Step, ...]:
+        """Concrete per-block steps for a model of ``depth`` blocks and ``num_tokens`` tokens."""
+        if len(self.ops) > depth and any(op is not None for op in self.ops[depth:]):
+            bad = [i for i, op in enumerate(self.ops) if op is not None and i >= depth]
+            raise ValueError(f"blocks {bad} are out of range for a model with {depth} blocks "
+                             f"(allowed 0..{depth - 1})")
+        ops = list(self.ops[:depth]) + [None] * (depth - len(self.ops))
+        steps: list[Step] = []
+        n_tok = num_tokens
+        for i, op in enumerate(ops):
+            step = _resolve_op(op, i, ops, n_tok, num_prefix)
+            steps.append(step)
+            n_tok = step.tokens_out
+        return tuple(steps)
+
+
+def _prune_keep(keep_rate: float, n: int) -> int:
+    # Same float expression as EViT's release so published checkpoints see the same counts.
+    return math.ceil(keep_rate * n)
+
+
+def _resolve_op(op: Op | None, i: int, ops: list, n_tok: int, num_prefix: int) -> Step:
+    n = n_tok - num_prefix
+    if op is None:
+        return Step("none", n_tok, n_tok)
+    if isinstance(op, Merge):
+        r = min(op.r, n // 2)
+        return Step("merge", n_tok, n_tok - r, r=r) if r > 0 else Step("none", n_tok, n_tok)
+    if isinstance(op, Prune):
+        k = _prune_keep(op.keep_rate, n)
+        if k >= n:
+            return Step("none", n_tok, n_tok)
+        return Step("prune", n_tok, num_prefix + k + int(op.fuse), k=k, fuse=op.fuse)
+    # Retokenize
+    if op.r is not None:
+        m = min(2 * op.r, n)
+    elif op.nonsemantic_share is not None:
+        m = round(op.nonsemantic_share * n)
+    else:
+        nxt = next((o for o in ops[i + 1:] if isinstance(o, Prune)), None)
+        if nxt is None:
+            raise ValueError(
+                f"Retokenize at block {i} needs r, nonsemantic_share, or a later Prune block "
+                "to size its non-semantic set"
+            )
+        m = n - min(_prune_keep(nxt.keep_rate, n), n)
+    r = m // 2 if op.r is not None else math.floor(op.merge_share * m)
+    if r <= 0:
+        return Step("none", n_tok, n_tok)
+    return Step("retokenize", n_tok, n_tok - r, r=r, m=m, locality=float(op.locality))
+
+
+# --------------------------------------------------------------------------------------
+# Schedules
+# --------------------------------------------------------------------------------------
+
+RSchedule = int | Sequence[int] | tuple[int, float]
+
+
+def tome_schedule(r: RSchedule, depth: int) -> list[int]:
+    """ToMe's r per block: an int (every block), a list (zero-padded), or ``(r, inflection)``.
+
+    With ``(r, inflection)``, inflection in [-1, 1]: block i gets
+    ``int(min + i·(max − min)/(depth − 1))`` with ``min = int(r·(1 − inflection))``,
+    ``max = 2r − min`` (−1: decreasing from 2r to 0; 0: constant; 1: increasing).
+    """
+    if isinstance(r, tuple) and len(r) == 2 and isinstance(r[1], float):
+        base, inflect = r
+        _check_int("r", base)
+        if not -1 <= inflect <= 1:
+            raise ValueError(f"inflection={inflect!r} is outside [-1, 1]")
+        lo = int(base * (1.0 - inflect))
+        hi = 2 * base - lo
+        step = (hi - lo) / (depth - 1) if depth > 1 else 0.0
+        return [int(lo + step * i) for i in range(depth)]
+    if isinstance(r, Sequence) and not isinstance(r, str):
+        values = [_check_int("r", v) for v in r]
+        if len(values) > depth:
+            raise ValueError(f"r schedule has {len(values)} entries for a model with {depth} blocks")
+        return values + [0] * (depth - len(values))
+    return [_check_int("r", r)] * depth
+
+
+def keep_rate_warmup(
+    step: int, steps_per_epoch: int, target: float, shrink_start: int, shrink_epochs: int
+) -> float:
+    """EViT's keep-rate warm-up (§4.4): 1 for ``shrink_start`` epochs, then a cosine from 1 to
+    ``target`` over ``shrink_epochs``, updated per iteration, then ``target``."""
+    target = _check_keep_rate(target)
+    _check_int("steps_per_epoch", steps_per_epoch, 1)
+    start = shrink_start * steps_per_epoch
+    length = shrink_epochs * steps_per_epoch
+    if step < start:
+        return 1.0
+    if length <= 0 or step >= start + length:
+        return target
+    t = (step - start) / length
+    return target + (1.0 - target) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+# --------------------------------------------------------------------------------------
+# Presets
+# --------------------------------------------------------------------------------------
+
+
+def default_blocks(depth: int) -> tuple[int, ...]:
+    """EViT's pruning blocks scaled to depth: 3, 6, 9 for 12 blocks."""
+    return (depth // 4, depth // 2, 3 * depth // 4)
+
+
+def _check_blocks(blocks: Sequence[int], depth: int, what: str) -> tuple[int, ...]:
+    blocks = tuple(blocks)
+    for b in blocks:
+        if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < depth:
+            raise ValueError(f"{what} block {b!r} is out of range; allowed 0..{depth - 1}")
+    if len(set(blocks)) != len(blocks):
+        raise ValueError(f"{what} blocks {blocks} repeat a block")
+    return tuple(sorted(blocks))
+
+
+def _place(depth: int, entries: dict[int, Op]) -> tuple[Op | None, ...]:
+    return tuple(entries.get(i) for i in range(depth))
+
+
+def _none(depth: int) -> ReductionPlan:
+    return ReductionPlan((), name="none")
+
+
+def _tome(depth: int, r: RSchedule = 13, prop_attn: bool = True) -> ReductionPlan:
+    rs = tome_schedule(r, depth)
+    return ReductionPlan(tuple(Merge(v) if v else None for v in rs), prop_attn, name="tome")
+
+
+def _evit(depth: int, keep_rate: float = 0.7, blocks: Sequence[int] | None = None,
+          fuse: bool = True) -> ReductionPlan:
+    blocks = _check_blocks(default_blocks(depth) if blocks is None else blocks, depth, "prune")
+    return ReductionPlan(_place(depth, {b: Prune(keep_rate, fuse) for b in blocks}),
+                         prop_attn=False, name="evit")
+
+
+def _imagepiece(depth: int, keep_rate: float = 0.7, blocks: Sequence[int] | None = None,
+                fuse: bool = True, rounds: int = 1, merge_share: float = 0.5,
+                locality: float = DEFAULT_LOCALITY, prop_attn: bool = True,
+                retokenize_blocks: Sequence[int] | None = None) -> ReductionPlan:
+    blocks = _check_blocks(default_blocks(depth) if blocks is None else blocks, depth, "prune")
+    _check_int("rounds", rounds, 1)
+    if retokenize_blocks is None:
+        retokenize_blocks = [b - j for b in blocks for j in range(1, rounds + 1)]
+        if any(b < 0 for b in retokenize_blocks) or set(retokenize_blocks) & set(blocks):
+            raise ValueError(f"rounds={rounds} does not fit before prune blocks {blocks}; "
+                             "give retokenize_blocks explicitly or fewer rounds")
+    retok = _check_blocks(retokenize_blocks, depth, "retokenize")
+    if set(retok) & set(blocks):
+        raise ValueError(f"retokenize_blocks {retok} overlap prune blocks {blocks}")
+    entries: dict[int, Op] = {b: Prune(keep_rate, fuse) for b in blocks}
+    entries.update({b: Retokenize(merge_share=merge_share, locality=locality) for b in retok})
+    name = "imagepiece" if fuse else "imagepiece-discard"
+    return ReductionPlan(_place(depth, entries), prop_attn, name=name)
+
+
+def _imagepiece_tome(depth: int, r: RSchedule = 13, retokenize_blocks: Sequence[int] | None = None,
+                     locality: float = DEFAULT_LOCALITY, prop_attn: bool = True) -> ReductionPlan:
+    """ToMe whose merges, at the re-tokenization blocks, are restricted to the 2r least
+    class-attended tokens (so semantic tokens are not diluted there); same token counts."""
+    rs = tome_schedule(r, depth)
+    if retokenize_blocks is None:
+        retokenize_blocks = tuple(b - 1 for b in default_blocks(depth))
+    retok = set(_check_blocks(retokenize_blocks, depth, "retokenize"))
+    ops = tuple(
+        None if not v else (Retokenize(r=v, locality=locality) if i in retok else Merge(v))
+        for i, v in enumerate(rs)
+    )
+    return ReductionPlan(ops, prop_attn, name="imagepiece+tome")
+
+
+def _discard(depth: int, **kw) -> ReductionPlan:
+    return _imagepiece(depth, fuse=False, **kw)
+
+
+PRESETS = {
+    "none": _none,
+    "tome": _tome,
+    "evit": _evit,
+    "imagepiece": _imagepiece,
+    "imagepiece+evit": _imagepiece,
+    "imagepiece-discard": _discard,
+    "imagepiece+tome": _imagepiece_tome,
+}
+
+
+def make_plan(plan: str | ReductionPlan | None, depth: int = 12, **kwargs) -> ReductionPlan:
+    """A plan from a preset name and its knobs, or a given :class:`ReductionPlan` unchanged."""
+    if plan is None:
+        plan = "none"
+    if isinstance(plan, ReductionPlan):
+        if kwargs:
+            raise TypeError(f"knobs {sorted(kwargs)} only apply to preset names, not a ReductionPlan")
+        return plan
+    if not isinstance(plan, str) or plan not in PRESETS:
+        raise ValueError(f"unknown plan {plan!r}; allowed: {', '.join(PRESETS)} or a ReductionPlan")
+    _check_int("depth", depth, 1)
+    factory = PRESETS[plan]
+    params = inspect.signature(factory).parameters
+    if "kw" in params:  # a preset that forwards its knobs to another
+        params = inspect.signature(_imagepiece).parameters
+    allowed = [p for p in params if p not in ("depth", "kw", "fuse")]
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        raise TypeError(f"plan {plan!r} got unexpected knobs {unknown}; allowed: {allowed}")
+    return factory(depth, **kwargs)
+
