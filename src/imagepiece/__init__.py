@@ -5,6 +5,8 @@
 >>> imagepiece.patch(model, "imagepiece", keep_rate=0.7)  # doctest: +SKIP
 """
 
+from . import models  # noqa: F401  (registers the imagepiece_* names with timm)
+from .coherence import add_coherence
 from .patch import BlockTrace, Controller, is_patched, patch, supported_models, unpatch
 from .plan import (
     PRESETS,
@@ -27,6 +29,7 @@ __all__ = [
     "Prune",
     "ReductionPlan",
     "Retokenize",
+    "add_coherence",
     "is_patched",
     "keep_rate_warmup",
     "make_plan",

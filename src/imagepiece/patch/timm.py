@@ -292,7 +292,7 @@ class _ReducedViT:
         )
         trace: list[BlockTrace] = []
         extent = float(max(grid))
-        for i, (blk, step) in enumerate(zip(self.blocks, steps)):
+        for i, (blk, step) in enumerate(zip(self.blocks, steps, strict=True)):
             x, st, rec = _block_forward(blk, x, st, step, ctl, extent, want_scores)
             if tracing:
                 rec.block = i
