@@ -267,7 +267,7 @@ def keep_rate_warmup(
 
 def default_blocks(depth: int) -> tuple[int, ...]:
     """EViT's pruning blocks scaled to depth: 3, 6, 9 for 12 blocks."""
-    return (depth // 4, depth // 2, 3 * depth // 4)
+    return tuple(sorted({depth // 4, depth // 2, 3 * depth // 4}))
 
 
 def _check_blocks(blocks: Sequence[int], depth: int, what: str) -> tuple[int, ...]:
@@ -307,10 +307,10 @@ def _imagepiece(depth: int, keep_rate: float = 0.7, blocks: Sequence[int] | None
     blocks = _check_blocks(default_blocks(depth) if blocks is None else blocks, depth, "prune")
     _check_int("rounds", rounds, 1)
     if retokenize_blocks is None:
-        retokenize_blocks = [b - j for b in blocks for j in range(1, rounds + 1)]
-        if any(b < 0 for b in retokenize_blocks) or set(retokenize_blocks) & set(blocks):
-            raise ValueError(f"rounds={rounds} does not fit before prune blocks {blocks}; "
-                             "give retokenize_blocks explicitly or fewer rounds")
+        # The ``rounds`` blocks before each prune block; in a shallow model where prune blocks
+        # are adjacent, a block that already prunes (or lies before block 0) is skipped.
+        retokenize_blocks = sorted({b - j for b in blocks for j in range(1, rounds + 1)
+                                    if b - j >= 0 and b - j not in blocks})
     retok = _check_blocks(retokenize_blocks, depth, "retokenize")
     if set(retok) & set(blocks):
         raise ValueError(f"retokenize_blocks {retok} overlap prune blocks {blocks}")
@@ -326,7 +326,7 @@ def _imagepiece_tome(depth: int, r: RSchedule = 13, retokenize_blocks: Sequence[
     class-attended tokens (so semantic tokens are not diluted there); same token counts."""
     rs = tome_schedule(r, depth)
     if retokenize_blocks is None:
-        retokenize_blocks = tuple(b - 1 for b in default_blocks(depth))
+        retokenize_blocks = tuple(b - 1 for b in default_blocks(depth) if b >= 1)
     retok = set(_check_blocks(retokenize_blocks, depth, "retokenize"))
     ops = tuple(
         None if not v else (Retokenize(r=v, locality=locality) if i in retok else Merge(v))

@@ -115,9 +115,10 @@ def _check_supported(model: nn.Module) -> None:
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"{type(model).__name__} is not supported; supported: {SUPPORTED}")
     for i, blk in enumerate(model.blocks):
-        if type(blk) is not Block or type(blk.attn) is not Attention:
+        attn = getattr(blk, "attn", None)
+        if type(blk) is not Block or type(attn) is not Attention:
             raise TypeError(
-                f"block {i} is {type(blk).__name__} with {type(blk.attn).__name__}; "
+                f"block {i} is {type(blk).__name__} with {type(attn).__name__} attention; "
                 f"supported: {SUPPORTED}"
             )
     if getattr(model, "attn_pool", None) is not None:

@@ -1,0 +1,145 @@
+import math
+
+import pytest
+
+from imagepiece import Merge, Prune, ReductionPlan, Retokenize, keep_rate_warmup, make_plan, tome_schedule
+
+
+def patch_counts(plan, num_tokens=197, prefix=1, depth=12):
+    """Total tokens (prefix included) after each block."""
+    return [s.tokens_out for s in plan.resolve(depth, num_tokens, prefix)]
+
+
+# SPEC §3 golden values: final token count (timm ViT/DeiT, 224 px, 12 blocks).
+@pytest.mark.parametrize("r, final", [(8, 101), ((8, -1.0), 106), ([16] * 4, 133), (13, 41)])
+def test_tome_golden_counts(r, final):
+    assert patch_counts(make_plan("tome", r=r))[-1] == final
+    # one more each with a distillation token
+    assert patch_counts(make_plan("tome", r=r), 198, 2)[-1] == final + 1
+
+
+def test_tome_r_is_capped():
+    assert patch_counts(make_plan("tome", r=150))[0] == 99
+    assert patch_counts(make_plan("tome", r=150), 198, 2)[0] == 100
+
+
+def test_tome_schedule_shapes():
+    assert tome_schedule(3, 4) == [3, 3, 3, 3]
+    assert tome_schedule([5, 2], 4) == [5, 2, 0, 0]
+    assert tome_schedule((8, -1.0), 12)[0] == 16 and tome_schedule((8, -1.0), 12)[-1] == 0
+    assert tome_schedule((8, 0.0), 12) == [8] * 12
+    assert tome_schedule((8, 1.0), 12)[0] == 0 and tome_schedule((8, 1.0), 12)[-1] == 16
+
+
+# SPEC §4 golden values: non-class tokens per block, DeiT-S 224, keep 0.7 at 3, 6, 9.
+def test_evit_golden_counts():
+    no_fuse = [c - 1 for c in patch_counts(make_plan("evit", keep_rate=0.7, fuse=False))]
+    fused = [c - 1 for c in patch_counts(make_plan("evit", keep_rate=0.7))]
+    assert no_fuse == [196, 196, 196, 138, 138, 138, 97, 97, 97, 68, 68, 68]
+    assert fused == [196, 196, 196, 139, 139, 139, 99, 99, 99, 71, 71, 71]
+    assert patch_counts(make_plan("evit", keep_rate=1.0)) == [197] * 12
+
+
+def test_imagepiece_default_counts():
+    steps = make_plan("imagepiece").resolve(12, 197, 1)
+    kinds = [s.kind for s in steps]
+    assert kinds[2] == kinds[5] == kinds[8] == "retokenize"
+    assert kinds[3] == kinds[6] == kinds[9] == "prune"
+    # block 2: the next prune drops 196 - ceil(0.7*196) = 58 tokens: they form the
+    # non-semantic set and half of them (29) merge.
+    assert (steps[2].m, steps[2].r) == (58, 29)
+    counts = [s.tokens_out - 1 for s in steps]
+    assert counts == [196, 196, 167, 118, 118, 101, 72, 72, 62, 45, 45, 45]
+    # fewer tokens than EViT at the same keep rate: that is where ImagePiece's speed-up comes from
+    evit = [c - 1 for c in patch_counts(make_plan("evit"))]
+    assert all(a <= b for a, b in zip(counts, evit, strict=True))
+
+
+def test_imagepiece_rounds_grow_groups():
+    steps = make_plan("imagepiece", rounds=2).resolve(12, 197, 1)
+    assert [s.kind for s in steps[1:4]] == ["retokenize", "retokenize", "prune"]
+    assert steps[2].tokens_in == steps[1].tokens_out
+
+
+def test_imagepiece_tome_matches_tome_counts():
+    assert patch_counts(make_plan("imagepiece+tome", r=13)) == patch_counts(make_plan("tome", r=13))
+    kinds = [s.kind for s in make_plan("imagepiece+tome").resolve(12, 197, 1)]
+    assert kinds.count("retokenize") == 3 and kinds.count("merge") == 9
+
+
+def test_zero_plans_are_identity():
+    for plan in [make_plan("none"), make_plan("tome", r=0), make_plan("evit", keep_rate=1.0),
+                 make_plan("imagepiece", keep_rate=1.0)]:
+        assert all(s.kind == "none" for s in plan.resolve(12, 197, 1))
+
+
+def test_with_keep_rate_and_keep_rate():
+    plan = make_plan("imagepiece", keep_rate=0.5)
+    assert plan.keep_rate == 0.5
+    assert plan.with_keep_rate(0.9).keep_rate == 0.9
+    assert make_plan("tome").keep_rate is None
+    assert make_plan("tome").with_keep_rate(0.5) == make_plan("tome")
+
+
+@pytest.mark.parametrize("kw", [dict(keep_rate=0.0), dict(keep_rate=1.5), dict(keep_rate=-0.1),
+                                dict(keep_rate=True), dict(keep_rate="0.7")])
+def test_bad_keep_rate(kw):
+    with pytest.raises(ValueError, match="keep_rate"):
+        make_plan("evit", **kw)
+
+
+@pytest.mark.parametrize("r", [-1, 1.5, "3", True])
+def test_bad_r(r):
+    with pytest.raises(ValueError, match="r="):
+        make_plan("tome", r=r)
+
+
+def test_bad_blocks():
+    with pytest.raises(ValueError, match="out of range"):
+        make_plan("evit", blocks=(3, 12))
+    with pytest.raises(ValueError, match="out of range"):
+        ReductionPlan((None,) * 12 + (Merge(2),)).resolve(12, 197, 1)
+    with pytest.raises(ValueError, match="overlap"):
+        make_plan("imagepiece", blocks=(3, 6), retokenize_blocks=(2, 6))
+    # adjacent prune blocks leave no room before the second: it prunes without re-tokenizing
+    kinds = [s.kind for s in make_plan("imagepiece", depth=4).resolve(4, 65, 1)]
+    assert kinds == ["retokenize", "prune", "prune", "prune"]
+
+
+def test_bad_retokenize_shares():
+    with pytest.raises(ValueError, match="nonsemantic_share"):
+        Retokenize(nonsemantic_share=1.0)
+    with pytest.raises(ValueError, match="merge_share"):
+        Retokenize(merge_share=0.6)
+    with pytest.raises(ValueError, match="merge_share"):
+        Retokenize(merge_share=0.0)
+    with pytest.raises(ValueError, match="locality"):
+        Retokenize(locality=-1.0)
+    with pytest.raises(ValueError, match="later Prune"):
+        ReductionPlan((Retokenize(),)).resolve(12, 197, 1)
+
+
+def test_unknown_plan_and_knob():
+    with pytest.raises(ValueError, match="unknown plan 'fast'"):
+        make_plan("fast")
+    with pytest.raises(TypeError, match="keep_rate"):
+        make_plan("tome", keep_rate=0.7)
+
+
+def test_custom_plan_with_share():
+    plan = ReductionPlan((None, Retokenize(nonsemantic_share=0.5), Prune(0.5, fuse=False)))
+    steps = plan.resolve(3, 65, 1)
+    assert (steps[1].m, steps[1].r) == (32, 16)
+    assert steps[2].tokens_out == 1 + math.ceil(0.5 * 48)
+
+
+def test_keep_rate_warmup():
+    kw = dict(steps_per_epoch=10, target=0.7, shrink_start=2, shrink_epochs=4)
+    assert keep_rate_warmup(0, **kw) == 1.0
+    assert keep_rate_warmup(19, **kw) == 1.0
+    assert keep_rate_warmup(20, **kw) == pytest.approx(1.0)
+    assert keep_rate_warmup(40, **kw) == pytest.approx(0.85)  # halfway along the cosine
+    assert keep_rate_warmup(60, **kw) == 0.7
+    assert keep_rate_warmup(1000, **kw) == 0.7
+    values = [keep_rate_warmup(s, **kw) for s in range(70)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
