@@ -4,9 +4,9 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
-from conftest import make_family, tiny_vit
 
 import imagepiece
+from conftest import make_family, tiny_vit
 from imagepiece import Merge, Prune, ReductionPlan, Retokenize
 
 ZERO_PLANS = [("none", {}), ("tome", dict(r=0)), ("evit", dict(keep_rate=1.0)),
