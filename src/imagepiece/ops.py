@@ -12,6 +12,7 @@ source maps) with :func:`apply_merge` / :func:`apply_select`, so no sort is repe
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -116,24 +117,41 @@ class MergeIndex(NamedTuple):
     similarity: torch.Tensor  # (B, r) matching score of each merged pair (for analysis)
 
 
+def _flat_index(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """Per-image token indices ``(B, K)`` as row indices into a ``(B * n, C)`` view."""
+    offset = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1) * n
+    return (idx + offset).reshape(-1)
+
+
 def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    # index_select on rows of a flat view: an expanded gather index would be materialised
+    # as B·K·C integers, costing more memory traffic than the features themselves.
+    B, N, C = x.shape
+    return x.reshape(B * N, C).index_select(0, _flat_index(idx, N)).view(B, idx.shape[1], C)
 
 
 def apply_merge(index: MergeIndex, x: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
     """Apply a merge decision to ``x`` of shape ``(B, N, C)``.
 
     ``reduce="sum"`` adds sources into destinations (use on ``x * size`` and on ``size`` for a
-    size-weighted average); ``"amax"`` is for 0/1 source maps.
+    size-weighted average); ``"amax"`` is for 0/1 source maps. One gather builds the output and
+    one in-place scatter adds the sources, so the cost is a single pass over the tokens.
     """
     if index.src.shape[1] == 0:
         return x
-    kept = _gather(x, index.keep)
-    dst = _gather(x, index.dst)
-    src = _gather(x, index.src)
-    slot = index.dst_slot.unsqueeze(-1).expand(-1, -1, x.shape[-1])
-    dst = dst.scatter_reduce(1, slot, src, reduce=reduce)
-    return torch.cat([kept, dst], dim=1)
+    B, _, C = x.shape
+    out = _gather(x, torch.cat([index.keep, index.dst], dim=1))
+    M = out.shape[1]
+    slot = _flat_index(index.dst_slot + index.keep.shape[1], M)
+    src = _gather(x, index.src).reshape(-1, C)
+    flat = out.view(B * M, C)
+    if reduce == "sum":
+        flat.index_add_(0, slot, src)
+    else:
+        with warnings.catch_warnings():  # "index_reduce is in beta": used for 0/1 maps only
+            warnings.simplefilter("ignore", UserWarning)
+            flat.index_reduce_(0, slot, src, reduce, include_self=True)
+    return out
 
 
 def _best_matches(
@@ -327,10 +345,16 @@ def size_weighted_mean(x: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
 
 
 def merge_weighted(
-    index: MergeIndex, x: torch.Tensor, size: torch.Tensor
+    index: MergeIndex, x: torch.Tensor, size: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Size-weighted average merge of features; sizes add up. Returns (x, size)."""
-    w = size.unsqueeze(-1).to(x.dtype)
-    merged = apply_merge(index, torch.cat([x * w, w], dim=-1), "sum")
-    new_size = merged[..., -1:]
-    return merged[..., :-1] / new_size, new_size.squeeze(-1).to(size.dtype)
+    """Size-weighted average merge of ``x``; sizes add up. ``size=None`` means all ones.
+
+    Returns ``(x, size)`` with ``size`` as float32 ``(B, N')``.
+    """
+    if size is None:
+        size = x.new_ones(x.shape[:2], dtype=torch.float32)
+        weighted = x
+    else:
+        weighted = x * size.unsqueeze(-1).to(x.dtype)
+    new_size = apply_merge(index, size.unsqueeze(-1), "sum")
+    return apply_merge(index, weighted, "sum") / new_size.to(x.dtype), new_size.squeeze(-1)

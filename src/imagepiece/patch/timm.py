@@ -211,14 +211,12 @@ def _attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None):
 
 
 def _merge_state(index: ops.MergeIndex, x: torch.Tensor, st: _State) -> tuple[torch.Tensor, _State]:
-    size = st.size if st.size is not None else x.new_ones(x.shape[:2], dtype=torch.float32)
-    feats = x if st.pos is None else torch.cat([x, st.pos.to(x.dtype)], dim=-1)
-    feats, new_size = ops.merge_weighted(index, feats, size)
     pos = None
     if st.pos is not None:
-        feats, pos = feats[..., :-2], feats[..., -2:].to(st.pos.dtype)
+        pos, _ = ops.merge_weighted(index, st.pos, st.size)
+    x, size = ops.merge_weighted(index, x, st.size)
     source = None if st.source is None else ops.apply_merge(index, st.source, "amax")
-    return feats, _State(new_size, pos, source)
+    return x, _State(size, pos, source)
 
 
 def _prune_state(
