@@ -1,8 +1,8 @@
 import pytest
 import torch
-from conftest import tiny_vit
 
 import imagepiece
+from conftest import tiny_vit
 from imagepiece.coherence import CoherenceStem, ResidualCoherence, add_coherence, coherence_mode
 
 

@@ -143,3 +143,13 @@ def test_keep_rate_warmup():
     assert keep_rate_warmup(1000, **kw) == 0.7
     values = [keep_rate_warmup(s, **kw) for s in range(70)]
     assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+
+
+def test_hyper_speed_presets_cut_more_tokens():
+    for fast, default in [("imagepiece-hyper", "imagepiece"), ("evit-hyper", "evit"),
+                          ("tome-hyper", "tome")]:
+        plan = make_plan(fast)
+        assert plan.name == fast
+        assert sum(patch_counts(plan)) < 0.75 * sum(patch_counts(make_plan(default)))
+    assert make_plan("imagepiece-hyper").keep_rate == 0.5
+    assert make_plan("imagepiece-hyper", keep_rate=0.4).keep_rate == 0.4
