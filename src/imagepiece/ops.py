@@ -155,21 +155,30 @@ def apply_merge(index: MergeIndex, x: torch.Tensor, reduce: str = "sum") -> torc
 
 
 def _best_matches(
-    a: torch.Tensor, b: torch.Tensor, penalty: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    a: torch.Tensor,
+    b: torch.Tensor,
+    penalty: torch.Tensor | None = None,
+    protect_a: int = 0,
+    protect_b: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Bipartite soft matching core: each A row picks its best B column.
 
-    Returns (order of A rows by best score descending, best column per A, best score per A,
-    raw cosine of the best pair). ``penalty`` (added to scores) encodes protection/locality.
+    Returns (order of A rows by best score descending, best column per A, raw cosine of the
+    best pair). ``penalty`` (added to the cosine) encodes locality; the first ``protect_a``
+    rows and ``protect_b`` columns can never match (prefix tokens).
     """
     a = a / a.norm(dim=-1, keepdim=True).clamp_min(1e-6)
     b = b / b.norm(dim=-1, keepdim=True).clamp_min(1e-6)
     cos = a @ b.transpose(-1, -2)
     scores = cos if penalty is None else cos + penalty
+    if protect_a or protect_b:
+        scores = scores.clone() if scores is cos else scores
+        scores[:, :protect_a, :] = -math.inf
+        scores[:, :, :protect_b] = -math.inf
     best, best_idx = scores.max(dim=-1)
     order = best.argsort(dim=-1, descending=True)
     best_cos = cos.gather(-1, best_idx.unsqueeze(-1)).squeeze(-1)
-    return order, best_idx, best, best_cos
+    return order, best_idx, best_cos
 
 
 def bipartite_matching(metric: torch.Tensor, r: int, num_prefix: int) -> MergeIndex:
@@ -187,43 +196,29 @@ def bipartite_matching(metric: torch.Tensor, r: int, num_prefix: int) -> MergeIn
     B, N, _ = metric.shape
     r = min(r, (N - num_prefix) // 2)
     device = metric.device
-    a_pos = torch.arange(0, N, 2, device=device)
-    b_pos = torch.arange(1, N, 2, device=device)
     if r <= 0:
         keep = torch.arange(N, device=device).expand(B, -1)
         empty = keep[:, :0]
         return MergeIndex(keep, empty, empty, empty, metric.new_zeros(B, 0))
 
-    na, nb = a_pos.numel(), b_pos.numel()
-    penalty = None
-    if num_prefix:
-        penalty = metric.new_zeros(na, nb)
-        pa, pb = (num_prefix + 1) // 2, num_prefix // 2
-        penalty[:pa, :] = -math.inf
-        penalty[:, :pb] = -math.inf
-    order, best_idx, _, best_cos = _best_matches(metric[:, ::2], metric[:, 1::2], penalty)
+    pa, pb = (num_prefix + 1) // 2, num_prefix // 2  # prefix tokens in A and in B
+    order, best_idx, best_cos = _best_matches(metric[:, ::2], metric[:, 1::2], None, pa, pb)
     src_a = order[:, :r]
     unm_a = order[:, r:]
     if num_prefix:
         unm_a = unm_a.sort(dim=-1).values
-    dst_slot = best_idx.gather(1, src_a)
+    # A row i is token 2i, B column j is token 2j + 1.
+    src = src_a * 2
+    dst_slot = best_idx.gather(1, src_a) - pb  # prefix tokens in B are kept, not destinations
     similarity = best_cos.gather(1, src_a)
-
-    a_map = a_pos.expand(B, -1)
-    b_map = b_pos.expand(B, -1)
-    unm = a_map.gather(1, unm_a)
-    src = a_map.gather(1, src_a)
-    pa, pb = (num_prefix + 1) // 2, num_prefix // 2
+    dst = torch.arange(2 * pb + 1, N, 2, device=device).expand(B, -1)
     if num_prefix:
         # Prefix tokens sit at the front of unmerged A (sorted) and of B; interleaving them
         # (A0, B0, A1, ...) restores their original order 0, 1, 2, ...
         prefix = torch.arange(num_prefix, device=device).expand(B, -1)
-        keep = torch.cat([prefix, unm[:, pa:]], dim=1)
-        dst = b_map[:, pb:]
-        # prefix tokens in B are kept, not destinations: shift slots past them
-        dst_slot = dst_slot - pb
+        keep = torch.cat([prefix, unm_a[:, pa:] * 2], dim=1)
     else:
-        keep, dst = unm, b_map
+        keep = unm_a * 2
     return MergeIndex(keep, dst, src, dst_slot, similarity)
 
 
@@ -271,9 +266,7 @@ def retokenize_matching(
     if locality and positions is not None:
         pa, pb = _gather(positions, a_idx), _gather(positions, b_idx)
         penalty = -locality * torch.cdist(pa, pb) / grid_extent
-    order, best_idx, _, best_cos = _best_matches(
-        _gather(metric, a_idx), _gather(metric, b_idx), penalty
-    )
+    order, best_idx, best_cos = _best_matches(_gather(metric, a_idx), _gather(metric, b_idx), penalty)
     src_a, unm_a = order[:, :r], order[:, r:]
     prefix = torch.arange(num_prefix, device=device).expand(B, -1)
     keep = torch.cat([prefix, semantic, a_idx.gather(1, unm_a)], dim=1)
@@ -349,12 +342,26 @@ def merge_weighted(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Size-weighted average merge of ``x``; sizes add up. ``size=None`` means all ones.
 
-    Returns ``(x, size)`` with ``size`` as float32 ``(B, N')``.
+    Returns ``(x, size)`` with ``size`` as float32 ``(B, N')``. Only destination and source
+    rows are weighted, in place, so the whole merge costs one new ``(B, N', C)`` tensor.
     """
+    B, N, C = x.shape
+    if index.src.shape[1] == 0:
+        return x, x.new_ones((B, N), dtype=torch.float32) if size is None else size
+    K = index.keep.shape[1]
+    rows = torch.cat([index.keep, index.dst], dim=1)
+    out = _gather(x, rows)
+    src = _gather(x, index.src)
+    dst = out[:, K:]
     if size is None:
-        size = x.new_ones(x.shape[:2], dtype=torch.float32)
-        weighted = x
+        out_size = x.new_ones(rows.shape, dtype=torch.float32)
+        src_size = x.new_ones(index.src.shape, dtype=torch.float32)
     else:
-        weighted = x * size.unsqueeze(-1).to(x.dtype)
-    new_size = apply_merge(index, size.unsqueeze(-1), "sum")
-    return apply_merge(index, weighted, "sum") / new_size.to(x.dtype), new_size.squeeze(-1)
+        out_size, src_size = size.gather(1, rows), size.gather(1, index.src)
+        dst.mul_(out_size[:, K:, None].to(x.dtype))
+        src.mul_(src_size[..., None].to(x.dtype))
+    slot = index.dst_slot + K
+    out.view(-1, C).index_add_(0, _flat_index(slot, rows.shape[1]), src.view(-1, C))
+    out_size = out_size.scatter_add(1, slot, src_size)
+    dst.div_(out_size[:, K:, None].to(x.dtype))
+    return out, out_size
