@@ -276,6 +276,16 @@ def test_training_gradients_flow(plan, kw):
     assert grads["blocks.5.mlp.fc2.weight"].abs().sum() > 0
 
 
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for ckpt in (False, True):
+        model = imagepiece.patch(tiny_vit(), "imagepiece", keep_rate=0.6).train()
+        model.set_grad_checkpointing(ckpt)
+        model(images(64, n=2)).sum().backward()
+        grads.append(model.blocks[0].attn.qkv.weight.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
 def test_autocast_bfloat16_runs():
     model = imagepiece.patch(tiny_vit(), "imagepiece", keep_rate=0.6)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):

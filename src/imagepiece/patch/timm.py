@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .. import ops
 from ..plan import ReductionPlan, Step, make_plan
@@ -291,8 +292,13 @@ class _ReducedViT:
         )
         trace: list[BlockTrace] = []
         extent = float(max(grid))
+        checkpointing = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for i, (blk, step) in enumerate(zip(self.blocks, steps, strict=True)):
-            x, st, rec = _block_forward(blk, x, st, step, ctl, extent, want_scores)
+            if checkpointing:
+                x, st, rec = checkpoint(_block_forward, blk, x, st, step, ctl, extent, want_scores,
+                                        use_reentrant=False)
+            else:
+                x, st, rec = _block_forward(blk, x, st, step, ctl, extent, want_scores)
             if tracing:
                 rec.block = i
                 trace.append(rec)
