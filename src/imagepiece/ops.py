@@ -173,8 +173,10 @@ def _best_matches(
     scores = cos if penalty is None else cos + penalty
     if protect_a or protect_b:
         scores = scores.clone() if scores is cos else scores
-        scores[:, :protect_a, :] = -math.inf
-        scores[:, :, :protect_b] = -math.inf
+        if protect_a:  # (no empty-slice writes: the ONNX exporter cannot shape them)
+            scores[:, :protect_a, :] = -math.inf
+        if protect_b:
+            scores[:, :, :protect_b] = -math.inf
     best, best_idx = scores.max(dim=-1)
     order = best.argsort(dim=-1, descending=True)
     best_cos = cos.gather(-1, best_idx.unsqueeze(-1)).squeeze(-1)
@@ -352,6 +354,8 @@ def merge_weighted(
     rows = torch.cat([index.keep, index.dst], dim=1)
     out = _gather(x, rows)
     src = _gather(x, index.src)
+    if torch.onnx.is_in_onnx_export():
+        return _merge_weighted_out_of_place(index, out, src, size, K)
     dst = out[:, K:]
     if size is None:
         out_size = x.new_ones(rows.shape, dtype=torch.float32)
@@ -364,4 +368,29 @@ def merge_weighted(
     out.view(-1, C).index_add_(0, _flat_index(slot, rows.shape[1]), src.view(-1, C))
     out_size = out_size.scatter_add(1, slot, src_size)
     dst.div_(out_size[:, K:, None].to(x.dtype))
+    return out, out_size
+
+
+def _merge_weighted_out_of_place(
+    index: MergeIndex, out: torch.Tensor, src: torch.Tensor, size: torch.Tensor | None, K: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`merge_weighted` for the TorchScript ONNX exporter, which drops in-place writes
+    through views and exports ``index_add``/``scatter_add`` so that repeated destinations
+    overwrite instead of adding. Sources are added through a 0/1 assignment matrix instead;
+    the same sums up to float rounding (keep rows are multiplied and divided by exactly 1)."""
+    B, M, C = out.shape
+    if size is None:
+        out_size = out.new_ones((B, M), dtype=torch.float32)
+        src_size = out.new_ones(index.src.shape, dtype=torch.float32)
+    else:
+        out_size = size.gather(1, torch.cat([index.keep, index.dst], dim=1))
+        src_size = size.gather(1, index.src)
+    ones = torch.ones_like(out_size[:, :K])
+    out = out * torch.cat([ones, out_size[:, K:]], dim=1)[..., None].to(out.dtype)
+    src = src * src_size[..., None].to(out.dtype)
+    slot = index.dst_slot + K
+    assign = slot[:, None, :] == torch.arange(M, device=slot.device)[None, :, None]  # (B, M, r)
+    out = out + assign.to(out.dtype) @ src
+    out_size = out_size + (assign.to(out_size.dtype) @ src_size[..., None]).squeeze(-1)
+    out = out / torch.cat([ones, out_size[:, K:]], dim=1)[..., None].to(out.dtype)
     return out, out_size
