@@ -12,6 +12,438 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _commands() -> None:
+    """Keep `imagepiece COMMAND` a command group even while only one command is registered."""
+
+
+@app.command()
+def bench(
+    model: str = typer.Option("deit_small_patch16_224", "--model", "-m",
+                              help="Any timm ViT name (random weights unless --pretrained or "
+                                   "--checkpoint)."),
+    method: list[str] = typer.Option(
+        None, "--method",
+        help="Repeatable. A preset, optionally with knobs: 'evit', 'evit:keep_rate=0.5', "
+             "'tome:r=16', 'imagepiece:keep_rate=0.5,blocks=1;4;7' (lists use ';'). Default: "
+             "none, tome, evit, imagepiece, imagepiece:keep_rate=0.5 (hyper-speed)."),
+    keep_rate: list[float] = typer.Option(None, "--keep-rate",
+                                          help="Repeatable sweep for methods with a keep rate."),
+    r: list[int] = typer.Option(None, "--r", help="Repeatable sweep of ToMe's r."),
+    batch: list[int] = typer.Option([32], "--batch", "-b", help="Repeatable batch-size sweep."),
+    threads: list[int] = typer.Option(None, "--threads",
+                                      help="Repeatable torch.set_num_threads sweep "
+                                           "(default: torch's current setting)."),
+    device: list[str] = typer.Option(["cpu"], "--device", help="Repeatable: cpu, cuda, cuda:N."),
+    dtype: list[str] = typer.Option(["fp32"], "--dtype",
+                                    help="Repeatable: fp32, fp16, bf16 (autocast)."),
+    warmup: int = typer.Option(2, "--warmup", help="Warm-up rounds (discarded)."),
+    runs: int = typer.Option(10, "--runs", help="Timed rounds; each runs every variant once."),
+    pretrained: bool = typer.Option(False, "--pretrained",
+                                    help="Load timm's pretrained weights (needs internet or cache)."),
+    checkpoint: str = typer.Option(None, "--checkpoint", help="State dict (.pth/.safetensors)."),
+    model_arg: list[str] = typer.Option(None, "--model-arg",
+                                        help="Repeatable KEY=VALUE for timm.create_model, "
+                                             "e.g. img_size=32."),
+    limit: bool = typer.Option(True, "--limit/--no-limit",
+                               help="Also time each plan's limit (pre-cut sequences)."),
+    allocator: str = typer.Option("steady", "--allocator",
+                                  help="steady: glibc keeps freed memory (no page-fault bias "
+                                       "between variants); default: leave malloc alone."),
+    json_path: str = typer.Option(None, "--json", help="Write all results as JSON."),
+    csv_path: str = typer.Option(None, "--csv", help="Write one CSV row per variant."),
+    plot_path: str = typer.Option(None, "--plot", help="PNG of speed-up against GMACs."),
+) -> None:
+    """Throughput of reduction plans against the unmodified model, interleaved in one process."""
+    from rich.progress import Progress
+
+    from . import bench as B
+
+    try:
+        kwargs = {}
+        for item in model_arg or []:
+            key, eq, value = item.partition("=")
+            if not eq or not key:
+                raise B.BenchError(f"--model-arg {item!r} is not KEY=VALUE")
+            kwargs[key] = B._parse_value(value)
+        config = B.BenchConfig(
+            model=model, methods=tuple(method) if method else B.DEFAULT_METHODS,
+            keep_rates=tuple(keep_rate or ()), rs=tuple(r or ()), batch_sizes=tuple(batch),
+            threads=tuple(threads or ()), devices=tuple(device), dtypes=tuple(dtype),
+            warmup=warmup, runs=runs, pretrained=pretrained, checkpoint=checkpoint,
+            model_kwargs=kwargs, limit=limit, allocator=allocator,
+        )
+        with Progress(transient=True) as bar:
+            task = bar.add_task("benchmark", total=None)
+
+            def step(done: int, total: int, what: str) -> None:
+                bar.update(task, completed=done, total=total, description=what)
+
+            result = B.run_benchmark(config, progress=step)
+    except B.BenchError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    B.render(result)
+    for path, write in ((json_path, B.write_json), (csv_path, B.write_csv),
+                        (plot_path, B.write_plot)):
+        if path:
+            write(result, path)
+            typer.echo(f"wrote {path}")
+
+
+def _key_values(items: list[str] | None, what: str) -> dict:
+    """``["img_size=32", "patch_size=4"]`` -> dict, values parsed as YAML (numbers, lists, null)."""
+    import yaml
+
+    out = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise typer.BadParameter(f"{what} {item!r} is not KEY=VALUE")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+@app.command()
+def train(
+    config: str = typer.Option(None, "--config", "-c", help="YAML file of training options "
+                               "(any TrainConfig field); the command line overrides it."),
+    resume: str = typer.Option(None, "--resume", help="Run directory to continue exactly where its "
+                               "last checkpoint left off (its saved config; options here override)."),
+    model: str = typer.Option(None, "--model", "-m", help="timm or imagepiece_* model name "
+                              "(default: deit_small_patch16_224)."),
+    model_arg: list[str] = typer.Option(None, "--model-arg", help="Repeatable KEY=VALUE for "
+                                        "timm.create_model, e.g. patch_size=4."),
+    method: str = typer.Option(None, "--method", help="Plan: none, tome, evit, imagepiece, "
+                               "imagepiece+tome, ... with knobs 'evit:keep_rate=0.7' (default: none)."),
+    keep_rate: float = typer.Option(None, "--keep-rate", help="Target keep rate of evit/imagepiece."),
+    r: int = typer.Option(None, "--r", help="ToMe's r."),
+    shrink_start: int = typer.Option(None, "--shrink-start", help="Epochs at keep rate 1 before the "
+                                     "keep-rate warm-up (default: EViT: 10 of 300, scaled to --epochs)."),
+    shrink_epochs: int = typer.Option(None, "--shrink-epochs", help="Epochs of the cosine from 1 to "
+                                      "the keep rate (default: EViT: 100 of 300, scaled)."),
+    finetune: str = typer.Option(None, "--finetune", help="Start from these weights (timm .pth, "
+                                 ".safetensors, official EViT/ToMe release, or a run directory)."),
+    pretrained: bool = typer.Option(None, "--pretrained/--no-pretrained",
+                                    help="timm's pretrained weights (needs network or cache)."),
+    dataset: str = typer.Option(None, "--dataset", help="imagefolder, fashion-mnist or synthetic "
+                                "(default: imagefolder)."),
+    data: str = typer.Option(None, "--data", help="Dataset root: ImageNet-style folder with train/ "
+                             "and val/, or the folder of the Fashion-MNIST IDX files."),
+    img_size: int = typer.Option(None, "--img-size", help="(default: 224 imagefolder, 32 otherwise)."),
+    epochs: int = typer.Option(None, "--epochs", help="(default: 300)."),
+    batch_size: int = typer.Option(None, "--batch-size", "-b", help="Per process (default: 128)."),
+    lr: float = typer.Option(None, "--lr", help="Absolute lr (default: 5e-4 x global batch / 512)."),
+    warmup_epochs: int = typer.Option(None, "--warmup-epochs", help="(default: 5)."),
+    drop_path: float = typer.Option(None, "--drop-path", help="(default: 0.1)."),
+    ema: bool = typer.Option(None, "--ema/--no-ema", help="Keep an EMA of the weights (default: off)."),
+    amp: bool = typer.Option(None, "--amp/--no-amp", help="Mixed precision on CUDA (default: on)."),
+    workers: int = typer.Option(None, "--workers", help="Data-loading processes (default: 4)."),
+    threads: int = typer.Option(None, "--threads", help="torch.set_num_threads."),
+    device: str = typer.Option(None, "--device", help="auto, cpu or cuda (default: auto)."),
+    seed: int = typer.Option(None, "--seed", help="(default: 0)."),
+    output: str = typer.Option(None, "--output", "-o", help="Parent of run directories (default: runs)."),
+    name: str = typer.Option(None, "--name", help="Run directory name (default: model-method-time)."),
+    set_: list[str] = typer.Option(None, "--set", help="Repeatable KEY=VALUE for any other option, "
+                                   "e.g. --set mixup=0 --set aa=null --set min_lr=1e-6."),
+    stop_after_steps: int = typer.Option(None, "--stop-after-steps", help="Debug: exit after N steps "
+                                         "without saving, as if killed."),
+) -> None:
+    """Train or fine-tune with the DeiT recipe (one process, or many under torchrun)."""
+    from . import train as T
+
+    given = dict(model=model, method=method, keep_rate=keep_rate, r=r, shrink_start=shrink_start,
+                 shrink_epochs=shrink_epochs, finetune=finetune, pretrained=pretrained,
+                 dataset=dataset, data_root=data, img_size=img_size, epochs=epochs,
+                 batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs, drop_path=drop_path,
+                 ema=ema, amp=amp, workers=workers, threads=threads, device=device, seed=seed,
+                 output=output, name=name, stop_after_steps=stop_after_steps)
+    overrides = {k: v for k, v in given.items() if v is not None}
+    try:
+        if model_arg:
+            overrides["model_kwargs"] = _key_values(model_arg, "--model-arg")
+        overrides.update(T.parse_set(set_))
+        if resume:
+            cfg = T.resume_config(resume, overrides)
+        else:
+            cfg = T.resolve_config(config, overrides)
+        summary = T.train(cfg, resume=resume)
+    except (ValueError, FloatingPointError) as e:  # our DataError/ConfigError/CheckpointError
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    if summary.get("rank", 0) != 0:
+        return
+    if summary.get("stopped"):
+        typer.echo(f"stopped after {summary['step']} steps; continue with --resume {summary['run_dir']}")
+    else:
+        best = summary.get("best_top1", float("nan"))
+        typer.echo(f"done: {summary['run_dir']} (best val top-1 {best:.2f})")
+
+
+@app.command("eval")
+def eval_(
+    model: str = typer.Option(None, "--model", "-m", help="timm or imagepiece_* name (default: the "
+                              "model of a run directory given as --checkpoint)."),
+    checkpoint: str = typer.Option(None, "--checkpoint", help="Run directory, checkpoint "
+                                   "directory, .safetensors, timm .pth/.pth.tar, EViT/ToMe release."),
+    ema: bool = typer.Option(False, "--ema", help="Use the checkpoint's EMA weights."),
+    pretrained: bool = typer.Option(False, "--pretrained", help="timm's pretrained weights."),
+    method: list[str] = typer.Option(None, "--method", help="Repeatable plan, e.g. --method none "
+                                     "--method evit:keep_rate=0.5 (default: none, tome, evit, imagepiece)."),
+    model_arg: list[str] = typer.Option(None, "--model-arg", help="Repeatable KEY=VALUE for "
+                                        "timm.create_model."),
+    dataset: str = typer.Option(None, "--dataset", help="imagefolder, fashion-mnist, synthetic "
+                                "[the run's, else imagefolder]."),
+    data: str = typer.Option(None, "--data", help="Dataset root (see train)."),
+    split: str = typer.Option("val", "--split", help="val, test or train (always the eval transform)."),
+    img_size: int = typer.Option(None, "--img-size"),
+    num_classes: int = typer.Option(None, "--num-classes"),
+    crop_pct: float = typer.Option(None, "--crop-pct", help="(default: 0.875; 1.0 for Fashion-MNIST)."),
+    batch_size: int = typer.Option(64, "--batch-size", "-b"),
+    workers: int = typer.Option(4, "--workers"),
+    threads: int = typer.Option(None, "--threads"),
+    device: str = typer.Option("auto", "--device"),
+    amp: bool = typer.Option(False, "--amp", help="fp16 autocast on CUDA."),
+    data_length: int = typer.Option(None, "--data-length", help="Synthetic data size."),
+    json_path: str = typer.Option(None, "--json", help="Write the results as JSON."),
+) -> None:
+    """Top-1/top-5/loss/images-per-second of the same weights under several plans."""
+    import torch
+
+    from . import evaluate as E
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        cfg = E.EvalConfig(
+            model=model, checkpoint=checkpoint, use_ema=ema, pretrained=pretrained,
+            methods=tuple(method) if method else ("none", "tome", "evit", "imagepiece"),
+            model_kwargs=_key_values(model_arg, "--model-arg"), dataset=dataset, data_root=data,
+            split=split, img_size=img_size, num_classes=num_classes, crop_pct=crop_pct,
+            batch_size=batch_size, workers=workers, device=device, amp=amp, data_length=data_length)
+        result = E.evaluate_plans(cfg)
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    if result["rank"] == 0:
+        E.render(result)
+        if json_path:
+            E.write_json(result, json_path)
+            typer.echo(f"wrote {json_path}")
+
+
+def _int_list(text: str | None, what: str) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(v) for v in text.replace(";", ",").split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{what} {text!r} is not a comma-separated list of integers") from None
+
+
+def _float_list(text: str | None, what: str) -> list[float] | None:
+    if not text:
+        return None
+    try:
+        return [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{what} {text!r} is not a comma-separated list of numbers") from None
+
+
+@app.command()
+def visualize(
+    images: list[str] = typer.Argument(..., help="Image files (any format Pillow reads)."),
+    model: str = typer.Option("vit_tiny_patch16_224", "--model", "-m",
+                              help="timm ViT name (random weights unless --checkpoint)."),
+    checkpoint: str = typer.Option(None, "--checkpoint", help="Weights (.safetensors, .pth, run dir); "
+                                   "read safely (no pickled code)."),
+    model_arg: list[str] = typer.Option(None, "--model-arg", help="Repeatable KEY=VALUE for "
+                                        "timm.create_model, e.g. img_size=64."),
+    method: list[str] = typer.Option(None, "--method", help="Repeatable plan: tome, evit, "
+                                     "imagepiece, imagepiece+tome, 'evit:keep_rate=0.5', ... "
+                                     "(default: tome, evit, imagepiece)."),
+    blocks: str = typer.Option(None, "--blocks", help="Comma-separated blocks to draw, counted from "
+                               "0 (default: the blocks where the plans reduce tokens, at most 4)."),
+    out: str = typer.Option("visualize", "--out", "-o", help="Output folder (one PNG per image, "
+                            "contact_sheet.png for several), or a .png file for a single image."),
+    seed: int = typer.Option(0, "--seed", help="Seed of random weights."),
+) -> None:
+    """Draw the token partition and class attention of each method at chosen blocks."""
+    from .analysis import AnalysisError, load_model
+    from .vis import visualize as draw
+
+    try:
+        net = load_model(model, _key_values(model_arg, "--model-arg"), checkpoint, seed=seed)
+        paths = draw(net, images, list(method) if method else ["tome", "evit", "imagepiece"], out,
+                     _int_list(blocks, "--blocks"))
+    except AnalysisError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    for p in paths:
+        typer.echo(f"wrote {p}")
+
+
+analyze_app = typer.Typer(
+    help="Analyses behind the paper's Tables 4-7 and Figure 3 (CSV, JSON, PNG and a markdown "
+         "report under --out). Common options go before the analysis name: "
+         "`imagepiece analyze --model M --data synthetic masking`.",
+    no_args_is_help=True,
+)
+app.add_typer(analyze_app, name="analyze")
+
+
+@analyze_app.callback()
+def _analyze_setup(
+    ctx: typer.Context,
+    model: str = typer.Option("vit_tiny_patch16_224", "--model", "-m", help="timm ViT name."),
+    checkpoint: str = typer.Option(None, "--checkpoint", help="Weights (.safetensors, .pth, run dir)."),
+    model_arg: list[str] = typer.Option(None, "--model-arg", help="Repeatable KEY=VALUE for "
+                                        "timm.create_model, e.g. img_size=32 --model-arg patch_size=4."),
+    data: str = typer.Option("synthetic", "--data", help="synthetic (built in, no files), "
+                             "imagepiece-synthetic, fashion-mnist[:ROOT], imagefolder:ROOT or ROOT."),
+    split: str = typer.Option("val", "--split", help="val, test or train (eval transform)."),
+    num_classes: int = typer.Option(None, "--num-classes", help="Classes of the model "
+                                    "(default: the model's; synthetic data uses it too)."),
+    length: int = typer.Option(None, "--length", help="Use at most this many images (synthetic: "
+                               "how many to make; default 128)."),
+    batch_size: int = typer.Option(64, "--batch-size", "-b"),
+    threads: int = typer.Option(None, "--threads", help="torch.set_num_threads."),
+    seed: int = typer.Option(0, "--seed", help="Seed of random weights, data and masks."),
+    out: str = typer.Option("analysis", "--out", "-o", help="Output folder."),
+) -> None:
+    ctx.obj = dict(model=model, checkpoint=checkpoint, model_arg=model_arg, data=data, split=split,
+                   num_classes=num_classes, length=length, batch_size=batch_size, threads=threads,
+                   seed=seed, out=out)
+
+
+def _analysis_inputs(ctx: typer.Context):
+    import torch
+
+    from .analysis import build_data, input_size, load_model
+
+    o = ctx.obj
+    if o["threads"]:
+        torch.set_num_threads(o["threads"])
+    kwargs = _key_values(o["model_arg"], "--model-arg")
+    net = load_model(o["model"], kwargs, o["checkpoint"], o["num_classes"], seed=o["seed"])
+    classes = net.num_classes or 10
+    ds = build_data(o["data"], o["split"], input_size(net)[0], classes, o["length"], o["seed"])
+    setup = {k: o[k] for k in ("model", "checkpoint", "data", "split", "length", "seed")}
+    setup.update(model_args=kwargs, images=len(ds), threads=torch.get_num_threads())
+    return net, ds, setup
+
+
+def _run_analyses(ctx: typer.Context, jobs) -> None:
+    """jobs: (analysis name, kwargs) pairs; each result is printed and saved under --out."""
+    from .analysis import ANALYSES, AnalysisError, render, save_result, write_report
+
+    try:
+        net, ds, setup = _analysis_inputs(ctx)
+        for name, kwargs in jobs:
+            result = ANALYSES[name][1](net, ds, batch_size=ctx.obj["batch_size"], **kwargs)
+            result.meta.setdefault("setup", setup)
+            render(result)
+            for path in save_result(result, ctx.obj["out"]).values():
+                typer.echo(f"wrote {path}")
+        if len(jobs) > 1:
+            typer.echo(f"wrote {write_report(ctx.obj['out'], setup)}")
+    except AnalysisError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+_METHOD_HELP = "Repeatable plan spec, e.g. evit, 'evit:keep_rate=0.5', tome:r=8"
+
+
+@analyze_app.command("masking")
+def analyze_masking(
+    ctx: typer.Context,
+    method: list[str] = typer.Option(None, "--method", help=_METHOD_HELP + " (default: none, tome, "
+                                     "evit, imagepiece)."),
+    counts: str = typer.Option("0,7,10,15,20,25,50", "--counts", help="Numbers of masks."),
+    mask_size: int = typer.Option(None, "--mask-size", help="Mask side in pixels (default: 16 "
+                                  "scaled by image size / 224)."),
+    aligned: bool = typer.Option(False, "--aligned/--anywhere", help="Snap masks to a grid of the "
+                                 "mask size (patch-aligned when it equals the patch size)."),
+    fill: float = typer.Option(0.0, "--fill", help="Value of masked pixels after normalisation "
+                               "(0 = the dataset mean colour)."),
+) -> None:
+    """Top-1 under random square masks (paper Table 4)."""
+    _run_analyses(ctx, [("masking", dict(
+        methods=method or ["none", "tome", "evit", "imagepiece"], counts=_int_list(counts, "--counts"),
+        mask_size=mask_size, aligned=aligned, fill=fill, seed=ctx.obj["seed"]))])
+
+
+@analyze_app.command("attentiveness")
+def analyze_attentiveness(
+    ctx: typer.Context,
+    method: list[str] = typer.Option(None, "--method", help=_METHOD_HELP + " (default: evit, imagepiece)."),
+    keep_rate: float = typer.Option(None, "--keep-rate", help="Share of attentive tokens (default: "
+                                    "the plan's keep rate, else 0.7)."),
+) -> None:
+    """Share of inattentive tokens at block l that are attentive at l+1 (paper Table 5)."""
+    _run_analyses(ctx, [("attentiveness", dict(methods=method or ["evit", "imagepiece"],
+                                                keep_rate=keep_rate))])
+
+
+@analyze_app.command("similarity")
+def analyze_similarity(
+    ctx: typer.Context,
+    method: list[str] = typer.Option(None, "--method", help=_METHOD_HELP + " (default: tome, imagepiece)."),
+) -> None:
+    """Mean cosine similarity of merged pairs per block (paper Table 6)."""
+    _run_analyses(ctx, [("similarity", dict(methods=method or ["tome", "imagepiece"]))])
+
+
+@analyze_app.command("important")
+def analyze_important(
+    ctx: typer.Context,
+    method: list[str] = typer.Option(None, "--method", help=_METHOD_HELP + " (default: tome)."),
+    tops: str = typer.Option("0.15,0.2,0.3,0.7", "--tops", help="Top shares by class attention."),
+) -> None:
+    """Share of first-block merged tokens among the top-p by class attention (paper Table 7)."""
+    _run_analyses(ctx, [("important", dict(methods=method or ["tome"], tops=_float_list(tops, "--tops")))])
+
+
+@analyze_app.command("sweep")
+def analyze_sweep(
+    ctx: typer.Context,
+    method: list[str] = typer.Option(None, "--method", help=_METHOD_HELP + " (default: evit, tome, "
+                                     "imagepiece)."),
+    keep_rates: str = typer.Option("0.5,0.6,0.7,0.8,0.9", "--keep-rates"),
+    r: str = typer.Option(None, "--r", help="ToMe r values (default: matched to the keep rates)."),
+    repeats: int = typer.Option(2, "--repeats", help="Timed passes (interleaved); the best "
+                                 "images/s is kept."),
+) -> None:
+    """Top-1 against measured images/s over keep rates / r (paper Figure 3)."""
+    _run_analyses(ctx, [("sweep", dict(methods=method or ["evit", "tome", "imagepiece"],
+                                       keep_rates=_float_list(keep_rates, "--keep-rates"),
+                                       rs=_int_list(r, "--r"), repeats=repeats))])
+
+
+@analyze_app.command("all")
+def analyze_all(ctx: typer.Context) -> None:
+    """Every analysis with its defaults, then report.md."""
+    _run_analyses(ctx, [("masking", dict(methods=["none", "tome", "evit", "imagepiece"],
+                                         seed=ctx.obj["seed"])),
+                        ("attentiveness", dict(methods=["evit", "imagepiece"])),
+                        ("similarity", dict(methods=["tome", "imagepiece"])),
+                        ("important", dict(methods=["tome"])),
+                        ("sweep", dict(methods=["evit", "tome", "imagepiece"]))])
+
+
+@analyze_app.command("report")
+def analyze_report(ctx: typer.Context) -> None:
+    """Collect the tables and figures under --out into --out/report.md."""
+    from .analysis import AnalysisError, write_report
+
+    try:
+        typer.echo(f"wrote {write_report(ctx.obj['out'])}")
+    except AnalysisError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,291 @@
+"""Checkpoints: our training checkpoints, timm checkpoints and the official ToMe/EViT releases.
+
+Our checkpoint is a directory written atomically (a temporary sibling directory renamed into
+place), holding
+
+- ``model.safetensors``: the weights (and ``ema.safetensors`` with an EMA),
+- ``state.pt``: optimizer, scheduler, AMP scaler and RNG states for an exact resume, saved with
+  ``torch.save`` but only ever read back with ``torch.load(weights_only=True)``,
+- ``meta.json``: epoch, step, metrics and anything else small.
+
+Foreign weights are read with safetensors or ``torch.load(weights_only=True)`` only: a file that
+needs arbitrary pickle is refused with an error rather than executed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import shutil
+import tempfile
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "load_checkpoint",
+    "load_state_dict",
+    "load_weights",
+    "save_checkpoint",
+    "save_weights",
+]
+
+MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+# Keys under which checkpoints nest their state dict, in the order they are tried: timm train
+# scripts (state_dict, state_dict_ema), DeiT/EViT/ToMe releases (model, model_ema), others.
+_EMA_KEYS = ("state_dict_ema", "model_ema", "ema")
+_KEYS = ("state_dict", "model", "module", "net")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, corrupt, unsafe or does not fit the model."""
+
+
+@dataclass
+class Checkpoint:
+    """What :func:`load_checkpoint` reads back from one of our checkpoint directories."""
+
+    path: str
+    meta: dict[str, Any]
+    model: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor] | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+def _tensors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous, unshared copies: what safetensors accepts."""
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()
+            if isinstance(v, torch.Tensor)}
+
+
+def save_weights(path: str, state_dict: Mapping[str, torch.Tensor],
+                 metadata: dict[str, str] | None = None) -> str:
+    """Write a state dict as one safetensors file, atomically (temp file + rename)."""
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file(_tensors(state_dict), tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def save_checkpoint(directory: str, model: nn.Module | Mapping[str, torch.Tensor], *,
+                    meta: dict[str, Any] | None = None, state: dict[str, Any] | None = None,
+                    ema: nn.Module | Mapping[str, torch.Tensor] | None = None) -> str:
+    """Write a checkpoint directory atomically and return its path.
+
+    Everything goes to a temporary sibling first; the old directory is moved aside and the new
+    one renamed into place, so a crash at any moment leaves either the old or the new checkpoint
+    (``load_checkpoint`` also finds one left aside by a crash between the two renames).
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}.tmp-")
+    try:
+        weights = model.state_dict() if isinstance(model, nn.Module) else model
+        save_weights(os.path.join(tmp, MODEL_FILE), weights)
+        if ema is not None:
+            save_weights(os.path.join(tmp, EMA_FILE), ema.state_dict() if isinstance(ema, nn.Module) else ema)
+        if state:
+            torch.save(state, os.path.join(tmp, STATE_FILE))
+        with open(os.path.join(tmp, META_FILE), "w") as f:
+            json.dump(meta or {}, f, indent=2, sort_keys=True, default=str)
+        old = directory + ".old"
+        if os.path.isdir(old):
+            shutil.rmtree(old)
+        if os.path.isdir(directory):
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except Exception as e:  # noqa: BLE001  (safetensors raises its own error types)
+        raise CheckpointError(f"corrupt or unreadable safetensors file {path!r}: "
+                              f"{type(e).__name__}: {e}") from None
+
+
+def _torch_load(path: str) -> Any:
+    try:
+        # DeiT/EViT training scripts store their argparse options next to the weights; a
+        # Namespace only holds plain values, so it is allowed alongside tensors and builtins.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "global" not in str(e).lower():  # not a refused class: the bytes are not a pickle
+            raise CheckpointError(f"corrupt or unreadable checkpoint {path!r}: {_last_line(e)}") from None
+        raise CheckpointError(
+            f"{path!r} holds Python objects that torch.load(weights_only=True) refuses to unpickle "
+            f"({_refused_global(e)}); imagepiece never runs "
+            "unsafe pickle. Re-save it as a plain state dict or as .safetensors") from None
+    except Exception as e:  # noqa: BLE001  (zip/pickle readers raise many kinds)
+        raise CheckpointError(f"corrupt or unreadable checkpoint {path!r}: {type(e).__name__}: {e}") from None
+
+
+def _last_line(e: Exception) -> str:
+    lines = [line for line in str(e).splitlines() if line.strip() and "documentation" not in line]
+    return lines[-1].strip() if lines else type(e).__name__
+
+
+def _refused_global(e: Exception) -> str:
+    """The class torch refused, e.g. ``__main__.Unsafe was not an allowed global``."""
+    import re
+
+    found = re.search(r"([\w.]+ was not an allowed global)", str(e))
+    return found.group(1) if found else "unsafe pickle"
+
+
+def load_checkpoint(directory: str, with_state: bool = True) -> Checkpoint:
+    """Read one of our checkpoint directories (``run_dir/checkpoints/last`` or ``best``)."""
+    directory = os.path.abspath(os.fspath(directory))
+    if not os.path.isdir(directory) and os.path.isdir(directory + ".old"):
+        directory += ".old"  # a crash between the two renames of save_checkpoint
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"checkpoint directory {directory!r} does not exist")
+    meta_path = os.path.join(directory, META_FILE)
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory!r} is not an imagepiece checkpoint: no {META_FILE}") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"corrupt {meta_path!r}: {e}") from None
+    model_path = os.path.join(directory, MODEL_FILE)
+    if not os.path.isfile(model_path):
+        raise CheckpointError(f"checkpoint {directory!r} has no {MODEL_FILE}")
+    ema_path = os.path.join(directory, EMA_FILE)
+    state_path = os.path.join(directory, STATE_FILE)
+    state: dict[str, Any] = {}
+    if with_state and os.path.isfile(state_path):
+        state = _torch_load(state_path)
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{state_path!r} holds {type(state).__name__}, expected a dict")
+    return Checkpoint(
+        path=directory, meta=meta, model=_read_safetensors(model_path),
+        ema=_read_safetensors(ema_path) if os.path.isfile(ema_path) else None, state=state)
+
+
+def _strip_prefix(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Drop the ``module.`` of DDP-wrapped saves and the ``_orig_mod.`` of torch.compile."""
+    from timm.models import clean_state_dict
+
+    return clean_state_dict(state_dict)
+
+
+def load_state_dict(path: str, use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """Model weights from any supported checkpoint as a flat state dict.
+
+    Accepts one of our checkpoint directories (or its run directory), ``.safetensors``, and
+    ``.pth``/``.pth.tar``/``.pt``/``.bin`` files holding either a bare state dict or a dict with
+    ``state_dict``/``state_dict_ema`` (timm), ``model``/``model_ema`` (DeiT, EViT and ToMe
+    releases) entries. ``use_ema`` picks the EMA weights and is an error when there are none.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, META_FILE)):
+            for sub in ("checkpoints/best", "checkpoints/last"):
+                if os.path.isdir(os.path.join(path, sub)):
+                    path = os.path.join(path, sub)
+                    break
+        ckpt = load_checkpoint(path, with_state=False)
+        if use_ema:
+            if ckpt.ema is None:
+                raise CheckpointError(f"checkpoint {path!r} has no EMA weights ({EMA_FILE})")
+            return ckpt.ema
+        return ckpt.model
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    if path.endswith(".safetensors"):
+        if use_ema:
+            raise CheckpointError(f"{path!r} is a single safetensors state dict with no EMA weights")
+        return _strip_prefix(_read_safetensors(path))
+    obj = _torch_load(path)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path!r} holds a {type(obj).__name__}, expected a state dict or a dict "
+                              f"with one of the keys {_KEYS + _EMA_KEYS}")
+    keys = _EMA_KEYS if use_ema else _KEYS
+    nested = next((k for k in keys if isinstance(obj.get(k), dict)), None)
+    if nested is not None:
+        obj = obj[nested]
+    elif use_ema:
+        raise CheckpointError(f"{path!r} has no EMA weights under any of {_EMA_KEYS}; found keys "
+                              f"{sorted(obj)[:10]}")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path!r} holds no tensors; top-level keys: {sorted(obj)[:10]}")
+    return _strip_prefix(tensors)
+
+
+def load_weights(model: nn.Module, path: str, use_ema: bool = False, strict: bool = False,
+                 adapt: bool = True) -> dict[str, list[str]]:
+    """Load a checkpoint's weights into ``model`` and report missing/unexpected/dropped keys.
+
+    With ``adapt`` (for fine-tuning) a ViT's position embedding is resampled to the model's
+    grid with timm's ``checkpoint_filter_fn``, and tensors whose shape differs from the model's
+    (typically the classifier of another number of classes) are dropped with a warning.
+    Keys a checkpoint cannot have (the local coherence branch of an ``imagepiece_*`` model)
+    stay at their initialisation. An error when nothing at all matches.
+    """
+    state = load_state_dict(path, use_ema=use_ema)
+    if adapt:
+        state = _adapt(model, state)
+    own = model.state_dict()
+    dropped = []
+    if adapt:
+        for k in list(state):
+            if k in own and own[k].shape != state[k].shape:
+                dropped.append(f"{k} {tuple(state[k].shape)}->{tuple(own[k].shape)}")
+                del state[k]
+        if dropped:
+            warnings.warn(f"not loading {len(dropped)} tensor(s) of another shape from {path!r}: "
+                          f"{dropped}", stacklevel=2)
+    if not set(state) & set(own):
+        raise CheckpointError(f"no weight of {path!r} matches {type(model).__name__}: checkpoint keys "
+                              f"{sorted(state)[:5]}..., model keys {sorted(own)[:5]}...")
+    try:
+        result = model.load_state_dict(state, strict=strict)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path!r} does not fit {type(model).__name__}: {e}") from None
+    return {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys),
+            "dropped": dropped}
+
+
+def _adapt(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm's own checkpoint filter for ViTs (position-embedding resampling, old layouts)."""
+    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+    if not isinstance(model, VisionTransformer):
+        return state
+    try:
+        return checkpoint_filter_fn(dict(state), model)
+    except Exception as e:  # noqa: BLE001  (a filter failure should name the checkpoint)
+        raise CheckpointError(f"cannot adapt the checkpoint to {type(model).__name__}: "
+                              f"{type(e).__name__}: {e}") from None

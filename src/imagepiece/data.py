@@ -1,0 +1,384 @@
+"""Datasets for training and evaluation: ImageFolder trees, Fashion-MNIST IDX files, synthetic.
+
+Every dataset yields ``(image_tensor, label)`` through a timm transform, so the DeiT recipe
+(RandAugment, random erasing, bicubic resize, ImageNet mean/std) applies the same way to all
+three. Bad input raises :class:`DataError` naming the path or value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+__all__ = [
+    "DATASET_KINDS",
+    "DataError",
+    "FashionMNIST",
+    "ImageFolderDataset",
+    "SyntheticDataset",
+    "TransformConfig",
+    "build_dataset",
+    "build_transform",
+    "read_idx",
+]
+
+DATASET_KINDS = ("imagefolder", "fashion-mnist", "synthetic")
+SPLITS = ("train", "val", "test")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Per-channel statistics of the Fashion-MNIST training images (grayscale copied to 3 channels).
+FASHION_MEAN = (0.2860, 0.2860, 0.2860)
+FASHION_STD = (0.3530, 0.3530, 0.3530)
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                   "Sneaker", "Bag", "Ankle boot")
+IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
+IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
+
+
+class DataError(ValueError):
+    """A dataset path, file or option is missing, empty, corrupt or not allowed."""
+
+
+@dataclass(frozen=True)
+class TransformConfig:
+    """Knobs of the timm transform. Defaults are the DeiT recipe (training) and the DeiT eval
+    transform (resize to size/0.875, centre crop, bicubic); mean/std None = the dataset's."""
+
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    re_prob: float = 0.25
+    re_mode: str = "pixel"
+    re_count: int = 1
+    color_jitter: float = 0.3
+    hflip: float = 0.5
+    scale: tuple[float, float] | None = None  # None: timm's (0.08, 1.0)
+    interpolation: str = "bicubic"
+    crop_pct: float | None = None  # None: 0.875 (DeiT), 1.0 for Fashion-MNIST (nothing to crop)
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+
+def _posterize_zero_bits_compat() -> None:
+    """Let timm's RandAugment posterize to 0 bits on Pillow >= 11.
+
+    DeiT's ``rand-m9-mstd0.5-inc1`` can draw magnitude 10, which timm maps to keeping 0 bits;
+    older Pillow returned a black image for that, newer Pillow raises ValueError and would end
+    the run. Keep the old behaviour (black image) by wrapping timm's op once.
+    """
+    from PIL import ImageOps
+    from timm.data import auto_augment
+
+    try:
+        ImageOps.posterize(Image.new("RGB", (1, 1)), 0)
+        return  # this Pillow still accepts 0 bits
+    except ValueError:
+        pass
+    original = auto_augment.NAME_TO_OP["PosterizeIncreasing"]
+    if getattr(original, "_imagepiece_compat", False):
+        return
+
+    def posterize(img, bits_to_keep, **kwargs):
+        if bits_to_keep <= 0:
+            return Image.new(img.mode, img.size)
+        return original(img, bits_to_keep, **kwargs)
+
+    posterize._imagepiece_compat = True  # type: ignore[attr-defined]
+    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+        auto_augment.NAME_TO_OP[name] = posterize
+
+
+def build_transform(img_size: int, is_training: bool, cfg: TransformConfig | None = None,
+                    mean: Sequence[float] = IMAGENET_MEAN,
+                    std: Sequence[float] = IMAGENET_STD, crop_pct: float = 0.875) -> Callable:
+    """The timm train or eval transform for square images of ``img_size`` pixels."""
+    cfg = cfg or TransformConfig()
+    if not isinstance(img_size, int) or img_size < 1:
+        raise DataError(f"img_size={img_size!r} must be a positive integer")
+    from timm.data import create_transform
+
+    mean = tuple(cfg.mean or mean)
+    std = tuple(cfg.std or std)
+    if is_training:
+        if cfg.auto_augment:
+            _posterize_zero_bits_compat()
+        return create_transform(
+            img_size, is_training=True, auto_augment=cfg.auto_augment or None,
+            re_prob=cfg.re_prob, re_mode=cfg.re_mode, re_count=cfg.re_count,
+            color_jitter=cfg.color_jitter, hflip=cfg.hflip,
+            scale=tuple(cfg.scale) if cfg.scale else None, interpolation=cfg.interpolation,
+            mean=mean, std=std)
+    crop_pct = cfg.crop_pct or crop_pct
+    if not 0 < crop_pct <= 1:
+        raise DataError(f"crop_pct={crop_pct!r} must be in (0, 1]")
+    return create_transform(img_size, is_training=False, crop_pct=crop_pct,
+                            interpolation=cfg.interpolation, mean=mean, std=std)
+
+
+# --------------------------------------------------------------------------------------
+# ImageFolder
+# --------------------------------------------------------------------------------------
+
+
+class ImageFolderDataset(Dataset):
+    """``root/<class>/<image>`` (the ImageNet train/val layout), classes sorted by name.
+
+    A file that cannot be decoded is skipped with a warning (``self.skipped`` counts them)
+    and the next image is returned instead, or raises :class:`DataError` with ``strict``.
+    """
+
+    def __init__(self, root: str, transform: Callable | None = None,
+                 class_to_idx: dict[str, int] | None = None, strict: bool = False):
+        from timm.data.readers.img_extensions import get_img_extensions
+        from timm.data.readers.reader_image_folder import find_images_and_targets
+
+        root = os.fspath(root)
+        if not os.path.isdir(root):
+            raise DataError(f"image folder {root!r} does not exist or is not a directory")
+        class_dirs = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        if not class_dirs:
+            raise DataError(f"image folder {root!r} is empty: expected one sub-folder per class "
+                            "(root/<class>/<image>.jpg)")
+        extensions = get_img_extensions(as_set=True)
+        samples, _ = find_images_and_targets(root, types=extensions, class_to_idx=None)
+        counts = {c: 0 for c in class_dirs}
+        for path, _ in samples:
+            top = os.path.relpath(path, root).split(os.sep)[0]
+            counts[top] = counts.get(top, 0) + 1
+        empty = [c for c, n in counts.items() if n == 0]
+        if empty:
+            raise DataError(f"class folder(s) with no images in {root!r}: {empty[:10]}; allowed image "
+                            f"extensions: {sorted(extensions)}")
+        if class_to_idx is None:
+            class_to_idx = {c: i for i, c in enumerate(class_dirs)}
+        unknown = sorted(set(class_dirs) - set(class_to_idx))
+        if unknown:
+            raise DataError(f"class folder(s) {unknown[:10]} in {root!r} are not among the "
+                            f"{len(class_to_idx)} known classes")
+        self.root = root
+        self.classes = list(class_to_idx)
+        self.class_to_idx = dict(class_to_idx)
+        self.samples: list[tuple[str, int]] = []
+        self.skipped = 0
+        for path, _ in samples:
+            if os.path.getsize(path) == 0:  # cheap to catch here, before any worker sees it
+                if strict:
+                    raise DataError(f"image {path!r} is an empty file")
+                self._skip(path, "empty file")
+                continue
+            self.samples.append((path, self.class_to_idx[os.path.relpath(path, root).split(os.sep)[0]]))
+        if not self.samples:
+            raise DataError(f"image folder {root!r} has no readable images")
+        self.transform = transform
+        self.strict = strict
+
+    def _skip(self, path: str, why: str) -> None:
+        self.skipped += 1
+        warnings.warn(f"skipping unreadable image {path!r} ({why}); {self.skipped} skipped so far",
+                      stacklevel=3)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        # Try the following images when one is corrupt, so a single bad file in a million does
+        # not end a multi-day run; strict mode turns it into an error naming the file.
+        for offset in range(len(self.samples)):
+            path, target = self.samples[(index + offset) % len(self.samples)]
+            try:
+                with Image.open(path) as im:
+                    img = im.convert("RGB")
+            except Exception as e:  # noqa: BLE001  (PIL raises many kinds for bad files)
+                if self.strict:
+                    raise DataError(f"cannot read image {path!r}: {type(e).__name__}: {e}") from None
+                self._skip(path, f"{type(e).__name__}: {e}")
+                continue
+            return (self.transform(img) if self.transform else img), target
+        raise DataError(f"no image in {self.root!r} could be read")
+
+
+# --------------------------------------------------------------------------------------
+# Fashion-MNIST (IDX files)
+# --------------------------------------------------------------------------------------
+
+
+def read_idx(path: str, magic: int) -> np.ndarray:
+    """An IDX file (optionally gzipped) as a uint8 array, checking its magic number and size."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError(f"IDX file {path!r} does not exist")
+    try:
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"cannot read IDX file {path!r}: {e}") from None
+    if len(data) < 4:
+        raise DataError(f"IDX file {path!r} is truncated: {len(data)} bytes, no header")
+    found = int.from_bytes(data[:4], "big")
+    if found != magic:
+        raise DataError(f"IDX file {path!r} has magic number {found}, expected {magic} "
+                        f"({'images' if magic == IDX_IMAGES_MAGIC else 'labels'})")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"IDX file {path!r} is truncated inside its header")
+    dims = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    expected = header + int(np.prod(dims, dtype=np.int64))
+    if len(data) != expected:
+        raise DataError(f"IDX file {path!r} has {len(data)} bytes but its header {dims} needs "
+                        f"{expected} (truncated or corrupt)")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _idx_path(root: str, stem: str) -> str:
+    for name in (stem, stem + ".gz"):
+        path = os.path.join(root, name)
+        if os.path.isfile(path):
+            return path
+    raise DataError(f"Fashion-MNIST file {stem}[.gz] not found in {root!r}; expected "
+                    "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+                    "t10k-labels-idx1-ubyte (gzipped or not), e.g. from the Debian package "
+                    "dataset-fashion-mnist in /usr/share/datasets/fashion-mnist")
+
+
+class FashionMNIST(Dataset):
+    """Fashion-MNIST from its four IDX files in ``root``; split ``train`` or ``test``/``val``
+    (the 10,000 t10k images). Grayscale is copied to 3 channels so any ViT stem takes it."""
+
+    classes = FASHION_CLASSES
+
+    def __init__(self, root: str, split: str = "train", transform: Callable | None = None):
+        root = os.fspath(root)
+        if not os.path.isdir(root):
+            raise DataError(f"Fashion-MNIST folder {root!r} does not exist")
+        if split not in SPLITS:
+            raise DataError(f"split={split!r}; allowed: {', '.join(SPLITS)}")
+        prefix = "train" if split == "train" else "t10k"
+        images = read_idx(_idx_path(root, f"{prefix}-images-idx3-ubyte"), IDX_IMAGES_MAGIC)
+        labels = read_idx(_idx_path(root, f"{prefix}-labels-idx1-ubyte"), IDX_LABELS_MAGIC)
+        if images.ndim != 3:
+            raise DataError(f"Fashion-MNIST images in {root!r} have shape {images.shape}; expected "
+                            "(count, rows, cols)")
+        if labels.ndim != 1:
+            raise DataError(f"Fashion-MNIST labels in {root!r} have shape {labels.shape}; expected (count,)")
+        if len(images) != len(labels):
+            raise DataError(f"Fashion-MNIST {prefix} in {root!r}: {len(images)} images but "
+                            f"{len(labels)} labels")
+        if len(images) == 0:
+            raise DataError(f"Fashion-MNIST {prefix} in {root!r} has no images")
+        if labels.max() >= len(FASHION_CLASSES):
+            raise DataError(f"Fashion-MNIST labels in {root!r} go up to {labels.max()}; allowed 0-9")
+        self.images = images
+        self.targets = labels.astype(np.int64)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        img = Image.fromarray(self.images[index]).convert("RGB")
+        return (self.transform(img) if self.transform else img), int(self.targets[index])
+
+
+# --------------------------------------------------------------------------------------
+# Synthetic
+# --------------------------------------------------------------------------------------
+
+
+class SyntheticDataset(Dataset):
+    """Deterministic class-dependent images for tests and demos.
+
+    Each class has a fixed random 4x4 colour layout (from ``seed``) upsampled to the image
+    size; each sample adds its own noise and brightness jitter. A small ViT learns it in a few
+    epochs, and the same ``(seed, index)`` always gives the same image.
+    """
+
+    def __init__(self, length: int = 512, num_classes: int = 10, img_size: int = 32, seed: int = 0,
+                 transform: Callable | None = None, noise: float = 40.0, offset: int = 0):
+        if length < 1 or num_classes < 1 or img_size < 4:
+            raise DataError(f"synthetic dataset needs length>=1, num_classes>=1, img_size>=4; got "
+                            f"{length}, {num_classes}, {img_size}")
+        rng = np.random.default_rng(seed)
+        layouts = rng.uniform(30, 225, size=(num_classes, 4, 4, 3))
+        reps = -(-img_size // 4)
+        self.layouts = np.repeat(np.repeat(layouts, reps, axis=1), reps, axis=2)[:, :img_size, :img_size]
+        self.length, self.num_classes, self.seed, self.noise = length, num_classes, seed, noise
+        self.offset = offset  # another offset draws other noise: a held-out split, same task
+        self.classes = [f"class{i}" for i in range(num_classes)]
+        self.targets = [i % num_classes for i in range(length)]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        target = self.targets[index]
+        rng = np.random.default_rng((self.seed, index + self.offset))
+        img = self.layouts[target] * rng.uniform(0.8, 1.2) + rng.normal(0, self.noise, self.layouts.shape[1:])
+        pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+        return (self.transform(pil) if self.transform else pil), target
+
+
+# --------------------------------------------------------------------------------------
+# Factory
+# --------------------------------------------------------------------------------------
+
+
+def _split_dir(root: str, split: str) -> str:
+    """``root/train`` or ``root/val``; ``test`` falls back to ``val`` (ImageNet has no test labels)."""
+    names = {"train": ("train",), "val": ("val", "validation"), "test": ("test", "val", "validation")}
+    for name in names[split]:
+        path = os.path.join(root, name)
+        if os.path.isdir(path):
+            return path
+    # root itself is a class tree (a user pointing straight at the split folder)
+    if os.path.isdir(root) and not any(os.path.isdir(os.path.join(root, n)) for n in ("train", "val")):
+        return root
+    raise DataError(f"no {split!r} split in {root!r}: expected a sub-folder {' or '.join(names[split])}")
+
+
+def build_dataset(kind: str, root: str | None = None, split: str = "train", img_size: int = 224,
+                  train_transform: bool | None = None, transform_cfg: TransformConfig | None = None,
+                  strict: bool = False, num_classes: int = 10, length: int | None = None,
+                  seed: int = 0, class_to_idx: dict[str, int] | None = None) -> Dataset:
+    """A dataset of ``kind`` ("imagefolder", "fashion-mnist", "synthetic") for ``split``.
+
+    ``train_transform`` (default: ``split == "train"``) picks the augmenting DeiT transform over
+    the eval transform. ``root`` is the ImageNet-style root with train/ and val/ (or a split
+    folder itself), or the folder holding the Fashion-MNIST IDX files; synthetic data needs none.
+    """
+    if kind not in DATASET_KINDS:
+        raise DataError(f"dataset kind {kind!r}; allowed: {', '.join(DATASET_KINDS)}")
+    if split not in SPLITS:
+        raise DataError(f"split={split!r}; allowed: {', '.join(SPLITS)}")
+    is_training = split == "train" if train_transform is None else train_transform
+    if kind == "fashion-mnist":
+        root = root or "/usr/share/datasets/fashion-mnist"
+        tf = build_transform(img_size, is_training, transform_cfg, FASHION_MEAN, FASHION_STD, 1.0)
+        return FashionMNIST(root, split, transform=tf)
+    tf = build_transform(img_size, is_training, transform_cfg)
+    if kind == "synthetic":
+        # Train and val share the class layouts (same seed) but not the samples (other noise).
+        default_len = 512 if split == "train" else 128
+        offset = 0 if split == "train" else 1_000_003
+        return SyntheticDataset(length or default_len, num_classes, img_size, seed, tf, offset=offset)
+    if not root:
+        raise DataError("dataset kind 'imagefolder' needs a root folder (with train/ and val/)")
+    return ImageFolderDataset(_split_dir(os.fspath(root), split), tf, class_to_idx, strict)
+
+
+def num_classes_of(ds: Dataset) -> int:
+    """Number of classes of a dataset built here."""
+    classes = getattr(ds, "classes", None)
+    if classes is None:
+        raise DataError(f"cannot tell the number of classes of {type(ds).__name__}")
+    return len(classes)

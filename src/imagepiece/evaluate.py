@@ -1,0 +1,212 @@
+"""``imagepiece eval``: top-1, top-5, loss and images/s of one set of weights under several plans.
+
+The same weights are patched with each plan in turn (``none`` = the unmodified model), so the
+rows of one command differ only in the reduction. Runs on one process or under torchrun: each
+process evaluates every ``world_size``-th image (no padding duplicates) and the sums are
+all-reduced, so the numbers are exact either way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+__all__ = ["EvalConfig", "EvalError", "evaluate_model", "evaluate_plans", "make_eval_loader", "render",
+           "write_json"]
+
+
+class EvalError(ValueError):
+    """An evaluation option has a value that is not allowed."""
+
+
+def make_eval_loader(ds: Dataset, batch_size: int, workers: int = 0, rank: int = 0, world_size: int = 1,
+                     pin_memory: bool = False) -> DataLoader:
+    """A loader over this process's share (every ``world_size``-th image, from ``rank``)."""
+    shard = ds if world_size == 1 else Subset(ds, range(rank, len(ds), world_size))
+    return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers,
+                      pin_memory=pin_memory)
+
+
+@torch.inference_mode()
+def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu",
+                   amp: bool = False, world_size: int = 1) -> dict[str, float]:
+    """Top-1 / top-5 (percent), mean cross-entropy and images/s over the loader, summed over
+    all processes when ``world_size > 1``."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
+    compute = 0.0
+    for images, targets in loader:
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+            logits = model(images)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        compute += time.perf_counter() - t0
+        logits = logits.float()
+        k = min(5, logits.shape[-1])
+        top = logits.topk(k, dim=-1).indices
+        hits = top == targets[:, None]
+        sums += torch.tensor([loss_fn(logits, targets).item(), hits[:, 0].sum().item(),
+                              hits.any(-1).sum().item(), len(targets)], dtype=torch.float64, device=device)
+    if world_size > 1:
+        dist.all_reduce(sums)
+        t = torch.tensor([compute], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest process bounds the throughput
+        compute = t.item()
+    model.train(was_training)
+    loss, top1, top5, n = sums.tolist()
+    if n == 0:
+        raise EvalError("the evaluation set is empty")
+    return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "loss": loss / n, "images": int(n),
+            "images_per_s": n / compute if compute > 0 else float("nan")}
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate: a model, its weights, the plans and the data."""
+
+    model: str | None = None  # None: the model of a run directory given as checkpoint
+    checkpoint: str | None = None  # run dir, checkpoint dir, .safetensors, .pth, .pth.tar
+    use_ema: bool = False
+    pretrained: bool = False
+    methods: tuple[str, ...] = ("none",)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    dataset: str | None = None  # None: the run's dataset, else imagefolder
+    data_root: str | None = None  # None: the run's data root
+    split: str = "val"
+    img_size: int | None = None
+    num_classes: int | None = None
+    crop_pct: float | None = None
+    interpolation: str = "bicubic"
+    batch_size: int = 64
+    workers: int = 4
+    data_length: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = False
+
+
+def _from_run(cfg: EvalConfig) -> dict[str, Any]:
+    """Model name, kwargs, data and size saved with one of our checkpoints (empty otherwise)."""
+    if not cfg.checkpoint or not os.path.isdir(cfg.checkpoint):
+        return {}
+    for sub in ("", "checkpoints/best", "checkpoints/last"):
+        meta = os.path.join(cfg.checkpoint, sub, "meta.json")
+        if os.path.isfile(meta):
+            with open(meta) as f:
+                return json.load(f)
+    return {}
+
+
+def evaluate_plans(cfg: EvalConfig, progress: Any = None) -> dict[str, Any]:
+    """Evaluate the weights of ``cfg`` under every method; returns the results and the setup."""
+    import timm
+
+    from . import is_patched, patch, unpatch
+    from .bench import parse_method
+    from .checkpoint import load_weights
+    from .data import TransformConfig, build_dataset, num_classes_of
+    from .train import setup_distributed
+
+    run = _from_run(cfg)
+    saved = run.get("config", {})
+    model_name = cfg.model or run.get("model")
+    if not model_name:
+        raise EvalError("no model given: pass --model NAME (a timm name), or --checkpoint RUN_DIR of "
+                        "an imagepiece training run")
+    if not timm.is_model(model_name):
+        raise EvalError(f"unknown model {model_name!r}; any timm.list_models() name or imagepiece_*")
+    if not cfg.methods:
+        raise EvalError("no method to evaluate; pass e.g. --method none --method evit")
+    parsed = [(spec, *parse_method(spec)) for spec in cfg.methods]
+    dataset = cfg.dataset or saved.get("dataset") or "imagefolder"
+    data_root = cfg.data_root or (saved.get("data_root") if dataset == saved.get("dataset") else None)
+    img_size = cfg.img_size or run.get("img_size") or (224 if dataset == "imagefolder" else 32)
+    joined = dist.is_available() and dist.is_initialized()
+    info = setup_distributed(cfg.device)
+    torch.manual_seed(cfg.seed)
+    ds = build_dataset(dataset, data_root, cfg.split, img_size, train_transform=False,
+                       transform_cfg=TransformConfig(crop_pct=cfg.crop_pct, interpolation=cfg.interpolation),
+                       num_classes=cfg.num_classes or 10, length=cfg.data_length, seed=cfg.seed)
+    num_classes = cfg.num_classes or run.get("num_classes") or num_classes_of(ds)
+    kwargs = dict(saved.get("model_kwargs") or {})
+    kwargs.update(cfg.model_kwargs)
+    kwargs.setdefault("img_size", img_size)
+    kwargs.setdefault("num_classes", num_classes)
+    own_plan = model_name.startswith("imagepiece_")
+    if own_plan:
+        kwargs.setdefault("plan", "none")
+    model = timm.create_model(model_name, pretrained=cfg.pretrained, **kwargs)
+    weights = "timm pretrained" if cfg.pretrained else "random"
+    if cfg.checkpoint:
+        load_weights(model, cfg.checkpoint, use_ema=cfg.use_ema, strict=False, adapt=False)
+        weights = cfg.checkpoint + (" (EMA)" if cfg.use_ema else "")
+    model.to(info.device).eval()
+    loader = make_eval_loader(ds, cfg.batch_size, cfg.workers, info.rank, info.world_size,
+                              info.device.type == "cuda")
+    rows = []
+    for i, (spec, preset, knobs) in enumerate(parsed):
+        if preset == "none" and not own_plan:
+            if is_patched(model):
+                unpatch(model)
+        else:
+            try:
+                patch(model, preset, **knobs)
+            except (TypeError, ValueError) as e:
+                raise EvalError(f"method {spec!r}: {e}") from None
+        result = evaluate_model(model, loader, info.device, cfg.amp, info.world_size)
+        rows.append({"method": spec, **result})
+        if progress is not None:
+            progress(i + 1, len(parsed), spec)
+    if info.distributed and not joined:
+        dist.destroy_process_group()
+    base = rows[0]["images_per_s"] if parsed[0][1] == "none" else None
+    for row in rows:
+        row["speedup"] = row["images_per_s"] / base if base else None
+    return {"model": model_name, "weights": weights, "dataset": dataset, "split": cfg.split,
+            "images": rows[0]["images"], "img_size": img_size, "device": str(info.device),
+            "world_size": info.world_size, "rank": info.rank, "config": asdict(cfg), "results": rows}
+
+
+def render(result: dict[str, Any], console: Any = None) -> None:
+    """A rich table: one row per plan."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title=f"{result['model']} on {result['dataset']}/{result['split']} "
+                        f"({result['images']} images, {result['img_size']} px, weights: {result['weights']})")
+    for name in ("method", "top-1", "top-5", "loss", "images/s", "speed-up"):
+        table.add_column(name, justify="left" if name == "method" else "right")
+    for row in result["results"]:
+        table.add_row(row["method"], f"{row['top1']:.2f}", f"{row['top5']:.2f}", f"{row['loss']:.4f}",
+                      f"{row['images_per_s']:.1f}", f"{row['speedup']:.2f}x" if row["speedup"] else "-")
+    console.print(table)
+
+
+def write_json(result: dict[str, Any], path: str) -> None:
+    """Write the result atomically."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def _methods(specs: Sequence[str] | None) -> tuple[str, ...]:
+    return tuple(specs) if specs else ("none", "tome", "evit", "imagepiece")

@@ -1,0 +1,170 @@
+"""imagepiece.analysis and `imagepiece analyze`: files, value ranges and direction checks."""
+
+import csv
+import json
+import os
+
+import pytest
+import timm
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from imagepiece import analysis as A
+from imagepiece.cli import app
+
+TINY = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=2, num_classes=4)
+TINY_ARGS = [a for k, v in TINY.items() if k != "num_classes" for a in ("--model-arg", f"{k}={v}")]
+
+
+def tiny(**overrides):
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", **{**TINY, **overrides}).eval()
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny ViT trained for about a second on easy synthetic data, and a held-out split."""
+    model = A.quick_train(tiny(), A.SyntheticImages(256, 4, 32, seed=0), steps=60)
+    return model, A.SyntheticImages(64, 4, 32, seed=0, offset=99_999)
+
+
+def check_files(paths, n_rows):
+    for ext in ("csv", "json", "png"):
+        assert os.path.isfile(paths[ext])
+    with Image.open(paths["png"]) as im:
+        im.verify()
+        assert im.format == "PNG"
+    with open(paths["csv"], newline="") as f:
+        assert len(list(csv.DictReader(f))) == n_rows
+    with open(paths["json"]) as f:
+        assert len(json.load(f)["rows"]) == n_rows
+
+
+def test_random_masks():
+    x = torch.ones(3, 3, 32, 32)
+    assert torch.equal(A.random_masks(x, 0, 4), x)
+    a = A.random_masks(x, 10, 4, fill=-1.0, seed=3)
+    assert torch.equal(a, A.random_masks(x, 10, 4, fill=-1.0, seed=3))  # seeded
+    assert not torch.equal(a, A.random_masks(x, 10, 4, fill=-1.0, seed=4))
+    masked = (a == -1).float().mean().item()
+    assert 0 < masked <= 10 * 16 / 1024
+    assert (a == -1).all(dim=1).eq((a == -1).any(dim=1)).all()  # all channels together
+    more = (A.random_masks(x, 50, 4, fill=-1.0, seed=3) == -1).float().mean().item()
+    assert more > masked
+    al = A.random_masks(torch.ones(1, 1, 32, 32), 20, 4, fill=0.0, seed=1, aligned=True)[0, 0]
+    blocks = al.reshape(8, 4, 8, 4).permute(0, 2, 1, 3).reshape(64, 16)
+    assert ((blocks == 0).all(1) | (blocks == 1).all(1)).all()  # whole 4x4 cells only
+    assert A.default_mask_size(224) == 16 and A.default_mask_size(32) == 2
+    with pytest.raises(A.AnalysisError):
+        A.random_masks(x, 1, 40)
+
+
+def test_masking_robustness(trained, tmp_path):
+    model, val = trained
+    res = A.masking_robustness(model, val, ["none", "evit", "imagepiece"], counts=[0, 10, 50],
+                               mask_size=4, seed=0)
+    assert len(res.rows) == 9
+    assert all(0 <= r["top1"] <= 1 for r in res.rows)
+    acc = {(r["method"], r["masks"]): r["top1"] for r in res.rows}
+    assert acc[("none", 0)] >= 0.9  # the task is easy
+    for m in ("none", "evit", "imagepiece"):
+        assert acc[(m, 50)] < acc[(m, 0)]
+    check_files(A.save_result(res, str(tmp_path)), 9)
+
+
+def test_attentiveness(trained, tmp_path):
+    model, val = trained
+    res = A.attentiveness_change(model, val, ["evit", "imagepiece", "tome"])
+    assert len(res.rows) == 3 * 3  # three methods, depth-1 pairs
+    for r in res.rows:
+        assert 0 <= r["inattentive_to_attentive"] <= 1
+        assert 0 <= r["share_of_all_tokens"] <= r["inattentive_to_attentive"] + 1e-9
+    # With the plan's keep rate, the tokens EViT's pruning drops at block l are exactly the
+    # inattentive ones and are gone at l + 1.
+    evit_prune = [r for r in res.rows if r["method"] == "evit" and r["kind"] == "prune"]
+    assert evit_prune and all(r["inattentive_to_attentive"] == 0 for r in evit_prune)
+    check_files(A.save_result(res, str(tmp_path)), 9)
+
+
+def test_merged_similarity(trained, tmp_path):
+    model, val = trained
+    res = A.merged_similarity(model, val, ["tome:r=4", "imagepiece"])
+    tome = [r for r in res.rows if r["method"] == "tome:r=4"]
+    assert [r["block"] for r in tome] == [0, 1, 2, 3]
+    assert all(-1 <= r["similarity"] <= 1 and r["pairs"] > 0 for r in res.rows)
+    first_last = res.meta["first_last"]
+    assert set(first_last) == {"tome:r=4", "imagepiece"}
+    # ToMe merges the most similar pairs first: merged pairs are more similar than random ones.
+    assert first_last["tome:r=4"]["first"] > 0
+    check_files(A.save_result(res, str(tmp_path)), len(res.rows))
+    with pytest.raises(A.AnalysisError, match="merges no tokens"):
+        A.merged_similarity(model, val, ["evit"])
+
+
+def test_important_merged(trained, tmp_path):
+    model, val = trained
+    res = A.important_merged(model, val, ["tome:r=8"], tops=[0.15, 0.3, 0.7, 1.0])
+    shares = [r["share_merged_in_top"] for r in res.rows]
+    assert all(0 <= s <= 1 for s in shares)
+    assert shares == sorted(shares) and shares[-1] == pytest.approx(1.0)
+    assert res.rows[0]["block"] == 0 and res.rows[0]["merged_tokens"] > 0
+    # r pairs merge per image, so between r + 1 and 2r tokens take part in a merge.
+    assert 9 * len(val) <= res.rows[0]["merged_tokens"] <= 16 * len(val)
+    check_files(A.save_result(res, str(tmp_path)), 4)
+
+
+def test_keep_rate_sweep_and_report(trained, tmp_path):
+    model, val = trained
+    res = A.keep_rate_sweep(model, val, ["evit", "tome", "imagepiece"], keep_rates=[0.5, 0.9])
+    assert res.rows[0]["variant"] == "none"
+    assert len(res.rows) == 1 + 2 + 2 + 2
+    assert all(0 <= r["top1"] <= 1 and r["images_per_s"] > 0 for r in res.rows)
+    evit = {r["value"]: r["final_tokens"] for r in res.rows if r["method"] == "evit"}
+    assert evit[0.5] < evit[0.9] < res.rows[0]["final_tokens"]
+    check_files(A.save_result(res, str(tmp_path)), 7)
+    A.save_result(A.important_merged(model, val), str(tmp_path))
+    text = open(A.write_report(str(tmp_path))).read()
+    assert "Figure 3" in text and "Table 7" in text and "![sweep](sweep.png)" in text
+    assert "| method |" in text
+
+
+def test_build_data():
+    ds = A.build_data("synthetic", "val", 32, 3, length=10)
+    x, y = ds[0]
+    assert x.shape == (3, 32, 32) and len(ds) == 10 and 0 <= y < 3
+    with pytest.raises(A.AnalysisError):
+        A.build_data("/no/such/folder", "val", 32, 3)
+
+
+def test_cli_analyze(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "an"
+    common = ["analyze", *TINY_ARGS, "--num-classes", "4", "--length", "16", "--out", str(out)]
+    res = runner.invoke(app, [*common, "masking", "--counts", "0,5", "--method", "none",
+                              "--method", "evit", "--mask-size", "4", "--aligned"])
+    assert res.exit_code == 0, res.output
+    assert {"masking.csv", "masking.json", "masking.png"} <= set(os.listdir(out))
+    res = runner.invoke(app, [*common, "similarity", "--method", "tome:r=4"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, [*common, "report"])
+    assert res.exit_code == 0 and os.path.isfile(out / "report.md")
+    res = runner.invoke(app, [*common, "masking", "--method", "evit:blocks=9"])
+    assert res.exit_code == 2 and "does not fit" in res.output
+    res = runner.invoke(app, ["analyze", "--data", "/no/such/dir", "--out", str(tmp_path / "x"),
+                              *TINY_ARGS, "sweep"])
+    assert res.exit_code == 2 and "error" in res.output
+    assert not os.path.exists(tmp_path / "x")
+
+
+def test_checkpoint_is_loaded_safely(tmp_path):
+    from safetensors.torch import save_file
+
+    model = tiny()
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    loaded = A.load_model("vit_tiny_patch16_224", {k: v for k, v in TINY.items()}, str(path), seed=5)
+    for (k, v), w in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(v, w), k
+    with pytest.raises(A.AnalysisError, match="checkpoint"):
+        A.load_model("vit_tiny_patch16_224", TINY, str(tmp_path / "missing.pth"))
