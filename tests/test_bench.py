@@ -201,3 +201,18 @@ def test_render_flags_noisy_timings(result):
     loud = Console(record=True, width=200)
     bench.render(noisy, loud)
     assert "noisy timings" in loud.export_text()
+
+
+def test_gmacs_count_attention_exactly():
+    """Every matmul counts, attention included (the fused CPU kernel has no flop formula)."""
+    import timm
+
+    from imagepiece.bench import count_gmacs
+
+    D, N, depth, P = 64, 65, 2, 64  # 8x8 patches of 4 px + class token
+    m = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=D, num_heads=2,
+                          depth=depth, num_classes=10).eval()
+    linear = depth * N * (3 * D * D + D * D + 2 * 4 * D * D)  # qkv, proj, MLP (ratio 4)
+    attention = depth * 2 * N * N * D  # q @ k^T and attn @ v
+    expected = linear + attention + P * 3 * 16 * D + D * 10  # + patch embedding + head
+    assert count_gmacs(m, torch.randn(2, 3, 32, 32)) * 1e9 == pytest.approx(expected, rel=1e-9)

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from imagepiece.data import (
+    PACKAGED_FASHION_ROOT,
     DataError,
     FashionMNIST,
     ImageFolderDataset,
@@ -17,6 +18,7 @@ from imagepiece.data import (
     TransformConfig,
     build_dataset,
     build_transform,
+    fashion_val_count,
     read_idx,
 )
 
@@ -96,11 +98,24 @@ def test_train_transform_deit_recipe_runs_on_every_draw():
 def test_fashion_mnist_from_idx(tmp_path, gz):
     root = fashion_dir(tmp_path, gz=gz)
     ds = build_dataset("fashion-mnist", str(root), "train", img_size=16, train_transform=False)
-    assert len(ds) == 6
+    assert len(ds) == 5  # the last of the 6 training images is held out for validation
     x, y = ds[1]
     assert x.shape == (3, 16, 16) and y == 1
     assert torch.equal(x[0], x[1])  # grayscale copied to 3 channels
+    val = build_dataset("fashion-mnist", str(root), "val", img_size=16)
+    assert len(val) == 1 and val[0][1] == 5
     assert len(build_dataset("fashion-mnist", str(root), "test", img_size=16)) == 4
+
+
+def test_fashion_val_split_is_disjoint_one_twelfth():
+    assert fashion_val_count(60000) == 5000 and fashion_val_count(1) == 0
+
+
+def test_packaged_test_split_is_the_real_one():
+    ds = FashionMNIST(PACKAGED_FASHION_ROOT, "test")
+    assert len(ds) == 10000 and ds.targets[0] == 9  # the first test image is an ankle boot
+    if os.path.isdir(FASHION_DIR):
+        assert np.array_equal(ds.images, FashionMNIST(FASHION_DIR, "test").images)
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -145,11 +145,18 @@ def test_keep_rate_warmup():
     assert all(a >= b for a, b in zip(values, values[1:], strict=False))
 
 
+def test_keep_rate_warmup_fractional_epochs():
+    kw = dict(steps_per_epoch=10, target=0.5, shrink_start=0, shrink_epochs=0.5)
+    assert keep_rate_warmup(0, **kw) == 1.0
+    assert keep_rate_warmup(5, **kw) == 0.5  # half an epoch of cosine, then the target
+    assert 0.5 < keep_rate_warmup(3, **kw) < 1.0
+
+
 def test_hyper_speed_presets_cut_more_tokens():
     for fast, default in [("imagepiece-hyper", "imagepiece"), ("evit-hyper", "evit"),
                           ("tome-hyper", "tome")]:
         plan = make_plan(fast)
         assert plan.name == fast
         assert sum(patch_counts(plan)) < 0.75 * sum(patch_counts(make_plan(default)))
-    assert make_plan("imagepiece-hyper").keep_rate == 0.5
-    assert make_plan("imagepiece-hyper", keep_rate=0.4).keep_rate == 0.4
+    assert make_plan("imagepiece-hyper").keep_rate == 0.4
+    assert make_plan("imagepiece-hyper", keep_rate=0.5).keep_rate == 0.5

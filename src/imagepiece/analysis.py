@@ -21,7 +21,6 @@ import csv
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +29,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Subset
+
+from .checkpoint import atomic_write
 
 __all__ = [
     "ANALYSES",
@@ -56,28 +57,6 @@ class AnalysisError(ValueError):
 # --------------------------------------------------------------------------------------
 # Files: everything is written to a temporary file first, then renamed into place.
 # --------------------------------------------------------------------------------------
-
-
-def atomic_write(path: str, write: Callable[[str], None], suffix: str = "") -> None:
-    """Call ``write(tmp_path)`` and rename the result to ``path`` (no partial file on error)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix or os.path.splitext(path)[1], dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _write_text(path: str, text: str) -> None:
@@ -118,29 +97,12 @@ def load_model(name: str, model_kwargs: dict[str, Any] | None = None, checkpoint
 
 
 def _load_weights(model: nn.Module, path: str) -> None:
-    try:
-        from .checkpoint import load_weights
-    except ImportError:  # pragma: no cover - checkpoint.py is written by another module owner
-        load_weights = None
-    try:
-        if load_weights is not None:
-            load_weights(model, path)
-            return
-        if not os.path.isfile(path):
-            raise FileNotFoundError(path)
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
+    from .checkpoint import load_weights
 
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        for key in ("model_ema", "model", "state_dict"):
-            if isinstance(state, dict) and isinstance(state.get(key), dict):
-                state = state[key]
-                break
-        model.load_state_dict(state)
-    except Exception as e:  # noqa: BLE001
-        raise AnalysisError(f"could not load checkpoint {path!r}: {type(e).__name__}: {e}") from None
+    try:
+        load_weights(model, path, strict=True, adapt=False)
+    except ValueError as e:  # CheckpointError: missing, unreadable, unsafe or not fitting
+        raise AnalysisError(str(e)) from None
 
 
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
@@ -231,11 +193,8 @@ def build_data(spec: str, split: str = "val", img_size: int = 32, num_classes: i
                                seed, offset=offset)
     if kind not in ("imagepiece-synthetic", "fashion-mnist", "imagefolder"):
         root, kind = spec, "imagefolder"
-    try:
-        from .data import build_dataset
-    except ImportError:
-        raise AnalysisError(f"--data {spec!r} needs imagepiece.data, which is not available; "
-                            "use --data synthetic") from None
+    from .data import build_dataset
+
     try:
         ds = build_dataset(kind.replace("imagepiece-", ""), root or None, split, img_size,
                            train_transform=False, num_classes=num_classes, length=length, seed=seed)
@@ -333,6 +292,17 @@ def _figure():
     return plt
 
 
+def _finish(fig, ax, result: Result, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    ax.set_title(result.title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+
+
 def _line_plot(result: Result, path: str, x: str, y: str, group: str, xlabel: str, ylabel: str,
                ylim: tuple[float, float] | None = (0, 1), categorical: bool = False) -> None:
     plt = _figure()
@@ -353,12 +323,7 @@ def _line_plot(result: Result, path: str, x: str, y: str, group: str, xlabel: st
     ax.set_ylabel(ylabel)
     if ylim:
         ax.set_ylim(*ylim)
-    ax.set_title(result.title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
+    _finish(fig, ax, result, path)
 
 
 # --------------------------------------------------------------------------------------
@@ -705,12 +670,7 @@ def _plot_sweep(result: Result, path: str) -> None:
     ax.set_xlabel("images / s (measured)")
     ax.set_ylabel("top-1 accuracy")
     ax.set_ylim(0, 1)
-    ax.set_title(result.title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
+    _finish(fig, ax, result, path)
 
 
 PLOTS: dict[str, Callable[[Result, str], None]] = {

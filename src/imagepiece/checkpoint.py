@@ -21,7 +21,7 @@ import pickle
 import shutil
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,22 +69,35 @@ def _tensors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             if isinstance(v, torch.Tensor)}
 
 
+def atomic_write(path: str, write: Callable[[str], None], suffix: str = "") -> None:
+    """Call ``write(tmp_path)`` and rename the result to ``path`` (no partial file on error)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix or os.path.splitext(path)[1], dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_weights(path: str, state_dict: Mapping[str, torch.Tensor],
                  metadata: dict[str, str] | None = None) -> str:
     """Write a state dict as one safetensors file, atomically (temp file + rename)."""
     from safetensors.torch import save_file
 
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file(_tensors(state_dict), tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: save_file(_tensors(state_dict), tmp, metadata=metadata), ".safetensors")
     return path
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import typer
 
 app = typer.Typer(
@@ -26,7 +28,7 @@ def bench(
         None, "--method",
         help="Repeatable. A preset, optionally with knobs: 'evit', 'evit:keep_rate=0.5', "
              "'tome:r=16', 'imagepiece:keep_rate=0.5,blocks=1;4;7' (lists use ';'). Default: "
-             "none, tome, evit, imagepiece, imagepiece:keep_rate=0.5 (hyper-speed)."),
+             "none, tome, evit, imagepiece, imagepiece-hyper (keep 0.4)."),
     keep_rate: list[float] = typer.Option(None, "--keep-rate",
                                           help="Repeatable sweep for methods with a keep rate."),
     r: list[int] = typer.Option(None, "--r", help="Repeatable sweep of ToMe's r."),
@@ -118,9 +120,9 @@ def train(
                                "imagepiece+tome, ... with knobs 'evit:keep_rate=0.7' (default: none)."),
     keep_rate: float = typer.Option(None, "--keep-rate", help="Target keep rate of evit/imagepiece."),
     r: int = typer.Option(None, "--r", help="ToMe's r."),
-    shrink_start: int = typer.Option(None, "--shrink-start", help="Epochs at keep rate 1 before the "
+    shrink_start: float = typer.Option(None, "--shrink-start", help="Epochs at keep rate 1 before the "
                                      "keep-rate warm-up (default: EViT: 10 of 300, scaled to --epochs)."),
-    shrink_epochs: int = typer.Option(None, "--shrink-epochs", help="Epochs of the cosine from 1 to "
+    shrink_epochs: float = typer.Option(None, "--shrink-epochs", help="Epochs of the cosine from 1 to "
                                       "the keep rate (default: EViT: 100 of 300, scaled)."),
     finetune: str = typer.Option(None, "--finetune", help="Start from these weights (timm .pth, "
                                  ".safetensors, official EViT/ToMe release, or a run directory)."),
@@ -206,21 +208,38 @@ def eval_(
     amp: bool = typer.Option(False, "--amp", help="fp16 autocast on CUDA."),
     data_length: int = typer.Option(None, "--data-length", help="Synthetic data size."),
     json_path: str = typer.Option(None, "--json", help="Write the results as JSON."),
+    max_images: int = typer.Option(None, "--max-images", help="Evaluate only the first N images."),
 ) -> None:
-    """Top-1/top-5/loss/images-per-second of the same weights under several plans."""
+    """Top-1/top-5/loss/images-per-second of the same weights under several plans.
+
+    With no --model and no --checkpoint: the models shipped with imagepiece (baseline, ToMe,
+    EViT, ImagePiece trained on Fashion-MNIST) on the Fashion-MNIST test split, offline."""
     import torch
 
     from . import evaluate as E
 
     if threads:
         torch.set_num_threads(threads)
+    if model is None and checkpoint is None and not pretrained:
+        try:
+            result = E.evaluate_shipped(data, "test" if split == "val" else split, max_images,
+                                        device="cpu" if device == "auto" else device)
+        except ValueError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+        E.render_shipped(result)
+        if json_path:
+            E.write_json(result, json_path)
+            typer.echo(f"wrote {json_path}")
+        return
     try:
         cfg = E.EvalConfig(
             model=model, checkpoint=checkpoint, use_ema=ema, pretrained=pretrained,
             methods=tuple(method) if method else ("none", "tome", "evit", "imagepiece"),
             model_kwargs=_key_values(model_arg, "--model-arg"), dataset=dataset, data_root=data,
             split=split, img_size=img_size, num_classes=num_classes, crop_pct=crop_pct,
-            batch_size=batch_size, workers=workers, device=device, amp=amp, data_length=data_length)
+            batch_size=batch_size, workers=workers, device=device, amp=amp, data_length=data_length,
+            max_images=max_images)
         result = E.evaluate_plans(cfg)
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
@@ -232,29 +251,31 @@ def eval_(
             typer.echo(f"wrote {json_path}")
 
 
-def _int_list(text: str | None, what: str) -> list[int] | None:
+def _number_list(text: str | None, what: str, cast: type = int) -> list | None:
+    """``"1,2;3"`` -> ``[1, 2, 3]`` (``,`` or ``;`` between items); None for no text."""
     if not text:
         return None
     try:
-        return [int(v) for v in text.replace(";", ",").split(",") if v.strip()]
+        return [cast(v) for v in text.replace(";", ",").split(",") if v.strip()]
     except ValueError:
-        raise typer.BadParameter(f"{what} {text!r} is not a comma-separated list of integers") from None
+        kind = "integers" if cast is int else "numbers"
+        raise typer.BadParameter(f"{what} {text!r} is not a comma-separated list of {kind}") from None
+
+
+def _int_list(text: str | None, what: str) -> list[int] | None:
+    return _number_list(text, what, int)
 
 
 def _float_list(text: str | None, what: str) -> list[float] | None:
-    if not text:
-        return None
-    try:
-        return [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
-    except ValueError:
-        raise typer.BadParameter(f"{what} {text!r} is not a comma-separated list of numbers") from None
+    return _number_list(text, what, float)
 
 
 @app.command()
 def visualize(
-    images: list[str] = typer.Argument(..., help="Image files (any format Pillow reads)."),
-    model: str = typer.Option("vit_tiny_patch16_224", "--model", "-m",
-                              help="timm ViT name (random weights unless --checkpoint)."),
+    images: list[str] = typer.Argument(None, help="Image files (any format Pillow reads); default "
+                                       "with no --model: four Fashion-MNIST test images."),
+    model: str = typer.Option(None, "--model", "-m", help="timm ViT name (random weights unless "
+                              "--checkpoint); default: the ImagePiece model shipped with imagepiece."),
     checkpoint: str = typer.Option(None, "--checkpoint", help="Weights (.safetensors, .pth, run dir); "
                                    "read safely (no pickled code)."),
     model_arg: list[str] = typer.Option(None, "--model-arg", help="Repeatable KEY=VALUE for "
@@ -273,10 +294,23 @@ def visualize(
     from .vis import visualize as draw
 
     try:
-        net = load_model(model, _key_values(model_arg, "--model-arg"), checkpoint, seed=seed)
-        paths = draw(net, images, list(method) if method else ["tome", "evit", "imagepiece"], out,
+        if model is None:
+            from .vis import fashion_examples
+            from .zoo import load_shipped, shipped_models
+
+            net = load_shipped("imagepiece")
+            shipped = shipped_models()
+            default_methods = [shipped[n].method for n in ("tome", "evit", "imagepiece") if n in shipped]
+            if not images:
+                images = fashion_examples(os.path.join(out, "inputs"))
+        else:
+            if not images:
+                raise AnalysisError("no image given (only the shipped model has default images)")
+            net = load_model(model, _key_values(model_arg, "--model-arg"), checkpoint, seed=seed)
+            default_methods = ["tome", "evit", "imagepiece"]
+        paths = draw(net, images, list(method) if method else default_methods, out,
                      _int_list(blocks, "--blocks"))
-    except AnalysisError as e:
+    except ValueError as e:  # AnalysisError, VisError, ZooError, DataError
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     for p in paths:
@@ -295,7 +329,9 @@ app.add_typer(analyze_app, name="analyze")
 @analyze_app.callback()
 def _analyze_setup(
     ctx: typer.Context,
-    model: str = typer.Option("vit_tiny_patch16_224", "--model", "-m", help="timm ViT name."),
+    model: str = typer.Option("vit_tiny_patch16_224", "--model", "-m", help="timm ViT name, or "
+                              "shipped:NAME for a model shipped with imagepiece (e.g. shipped:baseline, "
+                              "trained on Fashion-MNIST: use --data fashion-mnist)."),
     checkpoint: str = typer.Option(None, "--checkpoint", help="Weights (.safetensors, .pth, run dir)."),
     model_arg: list[str] = typer.Option(None, "--model-arg", help="Repeatable KEY=VALUE for "
                                         "timm.create_model, e.g. img_size=32 --model-arg patch_size=4."),
@@ -325,7 +361,12 @@ def _analysis_inputs(ctx: typer.Context):
     if o["threads"]:
         torch.set_num_threads(o["threads"])
     kwargs = _key_values(o["model_arg"], "--model-arg")
-    net = load_model(o["model"], kwargs, o["checkpoint"], o["num_classes"], seed=o["seed"])
+    if o["model"].startswith("shipped:"):
+        from .zoo import load_shipped
+
+        net = load_shipped(o["model"].split(":", 1)[1], patched=False)
+    else:
+        net = load_model(o["model"], kwargs, o["checkpoint"], o["num_classes"], seed=o["seed"])
     classes = net.num_classes or 10
     ds = build_data(o["data"], o["split"], input_size(net)[0], classes, o["length"], o["seed"])
     setup = {k: o[k] for k in ("model", "checkpoint", "data", "split", "length", "seed")}
@@ -335,7 +376,7 @@ def _analysis_inputs(ctx: typer.Context):
 
 def _run_analyses(ctx: typer.Context, jobs) -> None:
     """jobs: (analysis name, kwargs) pairs; each result is printed and saved under --out."""
-    from .analysis import ANALYSES, AnalysisError, render, save_result, write_report
+    from .analysis import ANALYSES, render, save_result, write_report
 
     try:
         net, ds, setup = _analysis_inputs(ctx)
@@ -347,7 +388,7 @@ def _run_analyses(ctx: typer.Context, jobs) -> None:
                 typer.echo(f"wrote {path}")
         if len(jobs) > 1:
             typer.echo(f"wrote {write_report(ctx.obj['out'], setup)}")
-    except AnalysisError as e:
+    except ValueError as e:  # AnalysisError, ZooError, DataError
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -100,6 +101,7 @@ class EvalConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = False
+    max_images: int | None = None  # the first N images of the split
 
 
 def _from_run(cfg: EvalConfig) -> dict[str, Any]:
@@ -145,6 +147,10 @@ def evaluate_plans(cfg: EvalConfig, progress: Any = None) -> dict[str, Any]:
                        transform_cfg=TransformConfig(crop_pct=cfg.crop_pct, interpolation=cfg.interpolation),
                        num_classes=cfg.num_classes or 10, length=cfg.data_length, seed=cfg.seed)
     num_classes = cfg.num_classes or run.get("num_classes") or num_classes_of(ds)
+    if cfg.max_images is not None:
+        if cfg.max_images < 1:
+            raise EvalError(f"max_images={cfg.max_images} must be >= 1")
+        ds = Subset(ds, range(min(cfg.max_images, len(ds))))
     kwargs = dict(saved.get("model_kwargs") or {})
     kwargs.update(cfg.model_kwargs)
     kwargs.setdefault("img_size", img_size)
@@ -210,3 +216,63 @@ def write_json(result: dict[str, Any], path: str) -> None:
 
 def _methods(specs: Sequence[str] | None) -> tuple[str, ...]:
     return tuple(specs) if specs else ("none", "tome", "evit", "imagepiece")
+
+
+def evaluate_shipped(data_root: str | None = None, split: str = "test", max_images: int | None = None,
+                     batch_size: int = 256, timing_runs: int = 10, device: str = "cpu",
+                     progress: Any = None) -> dict[str, Any]:
+    """Accuracy of every model shipped in the package (each under its own plan) on Fashion-MNIST,
+    then their images/s, interleaved in one process, as ratios to the shipped baseline."""
+    from .bench import count_gmacs, time_interleaved
+    from .data import DEBIAN_FASHION_ROOT, PACKAGED_FASHION_ROOT, build_dataset, default_fashion_root
+    from .zoo import load_shipped, shipped_models
+
+    cards = shipped_models()
+    root = data_root or default_fashion_root(split)
+    source = {DEBIAN_FASHION_ROOT: "Debian package dataset-fashion-mnist",
+              PACKAGED_FASHION_ROOT: "the copy of the test split shipped with imagepiece"}
+    source = source.get(root, "given folder")
+    ds = build_dataset("fashion-mnist", root, split, 32, train_transform=False)
+    if max_images is not None:
+        if max_images < 1:
+            raise EvalError(f"max_images={max_images} must be >= 1")
+        ds = Subset(ds, range(min(max_images, len(ds))))
+    loader = make_eval_loader(ds, batch_size)
+    models, rows = {}, []
+    for i, (name, card) in enumerate(cards.items()):
+        model = load_shipped(name).to(device)
+        result = evaluate_model(model, loader, device)
+        rows.append({"model": name, "method": card.method, "top1": result["top1"], "top5": result["top5"],
+                     "loss": result["loss"], "card_top1": card.card.get("test_top1")})
+        models[name] = model
+        if progress is not None:
+            progress(i + 1, len(cards), name)
+    x = torch.randn(batch_size, 3, 32, 32)
+    times = time_interleaved(models, x.to(device), 2, timing_runs)
+    ips = {k: batch_size / statistics.median(v) for k, v in times.items()}
+    base = ips.get("baseline")
+    for row in rows:
+        m = models[row["model"]]
+        row.update(images_per_s=ips[row["model"]], speedup=ips[row["model"]] / base if base else None,
+                   gmacs=count_gmacs(m.cpu(), x[:4]))
+    return {"dataset": "fashion-mnist", "split": split, "root": root, "source": source, "images": len(ds),
+            "device": device, "threads": torch.get_num_threads(), "batch": batch_size, "results": rows}
+
+
+def render_shipped(result: dict[str, Any], console: Any = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title=f"shipped models on Fashion-MNIST {result['split']} ({result['images']} images "
+                        f"from {result['source']}: {result['root']})")
+    for name in ("model", "plan", "top-1", "top-5", "card top-1", "GMACs", "images/s", "speed-up"):
+        table.add_column(name, justify="left" if name in ("model", "plan") else "right")
+    for r in result["results"]:
+        table.add_row(r["model"], r["method"], f"{r['top1']:.2f}", f"{r['top5']:.2f}",
+                      f"{r['card_top1']:.2f}" if r["card_top1"] is not None else "-", f"{r['gmacs']:.4f}",
+                      f"{r['images_per_s']:.0f}", f"{r['speedup']:.2f}x" if r["speedup"] else "-")
+    console.print(table)
+    console.print(f"{result['device']}, {result['threads']} threads, batch {result['batch']}; images/s "
+                  "interleaved in this run (ratios count, absolute numbers depend on the machine). "
+                  "card top-1: measured on the full test split by studies/fashion_mnist.py.")

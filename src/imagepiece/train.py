@@ -98,8 +98,9 @@ class TrainConfig:
     cooldown_epochs: int = 0
     sched_on_epochs: bool = False  # False: the lr changes every iteration
     # EViT keep-rate warm-up; None: EViT's 10 and 100 epochs of 300, scaled to `epochs`
-    shrink_start: int | None = None
-    shrink_epochs: int | None = None
+    # (fractions allowed: a 1-epoch fine-tune can shrink over its first half)
+    shrink_start: float | None = None
+    shrink_epochs: float | None = None
     ema: bool = False
     ema_decay: float = 0.99996
     amp: bool = True  # CUDA only
@@ -194,7 +195,12 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"smoothing={cfg.smoothing!r} must be in [0, 1)")
     if cfg.keep_rate is not None and not 0 < cfg.keep_rate <= 1:
         raise ConfigError(f"keep_rate={cfg.keep_rate!r} must be in (0, 1]")
-    for name in ("shrink_start", "shrink_epochs", "stop_after_steps", "img_size", "num_classes", "threads"):
+    for name in ("shrink_start", "shrink_epochs"):
+        value = getattr(cfg, name)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if value is not None and (not number or value < 0):
+            raise ConfigError(f"{name}={value!r} must be a non-negative number of epochs or null")
+    for name in ("stop_after_steps", "img_size", "num_classes", "threads"):
         value = getattr(cfg, name)
         if value is not None and (not isinstance(value, int) or value < 0):
             raise ConfigError(f"{name}={value!r} must be a non-negative integer or null")
@@ -337,7 +343,7 @@ def create_model(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, Any]:
     return model, (model.imagepiece.plan if is_patched(model) else None)
 
 
-def _shrink_schedule(cfg: TrainConfig) -> tuple[int, int]:
+def _shrink_schedule(cfg: TrainConfig) -> tuple[float, float]:
     """EViT's warm-up: keep everything for 10 of 300 epochs, then shrink over 100 (scaled)."""
     start = cfg.shrink_start if cfg.shrink_start is not None else round(cfg.epochs * 10 / 300)
     length = cfg.shrink_epochs if cfg.shrink_epochs is not None else round(cfg.epochs * 100 / 300)

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .analysis import AnalysisError, apply_method, atomic_write, input_size
+from .analysis import AnalysisError, apply_method, input_size
+from .checkpoint import atomic_write
 
 __all__ = ["MethodView", "VisError", "contact_sheet", "load_image", "render_figure", "trace_image",
            "visualize"]
@@ -288,3 +289,25 @@ def visualize(model: nn.Module, images: Sequence[str], methods: Sequence[str], o
         contact_sheet(written, sheet)
         written.append(sheet)
     return written
+
+
+def fashion_examples(folder: str, count: int = 4, root: str | None = None) -> list[str]:
+    """Write the first ``count`` Fashion-MNIST test images of distinct classes as PNG files
+    (an offline default input for the shipped models); returns their paths."""
+    from PIL import Image
+
+    from .data import FASHION_CLASSES, FashionMNIST, default_fashion_root
+
+    ds = FashionMNIST(root or default_fashion_root("test"), "test")
+    paths, seen = [], set()
+    for i, label in enumerate(ds.targets.tolist()):
+        if label in seen:
+            continue
+        seen.add(label)
+        name = FASHION_CLASSES[label].lower().replace("/", "-").replace(" ", "-")
+        path = os.path.join(folder, f"test{i:05d}-{name}.png")
+        atomic_write(path, lambda tmp, a=ds.images[i]: Image.fromarray(a).save(tmp, format="PNG"))
+        paths.append(path)
+        if len(paths) == count:
+            break
+    return paths
