@@ -220,7 +220,10 @@ def eval_(
 
     if threads:
         torch.set_num_threads(threads)
-    if model is None and checkpoint is None and not pretrained:
+    # Only a bare `imagepiece eval` (optionally with --data/--split/--max-images/--json) means the
+    # shipped models; a plan or another dataset with no model is a mistake worth reporting.
+    if model is None and checkpoint is None and not pretrained and not method \
+            and dataset in (None, "fashion-mnist"):
         try:
             result = E.evaluate_shipped(data, "test" if split == "val" else split, max_images,
                                         device="cpu" if device == "auto" else device)

@@ -33,8 +33,8 @@ def make_eval_loader(ds: Dataset, batch_size: int, workers: int = 0, rank: int =
                      pin_memory: bool = False) -> DataLoader:
     """A loader over this process's share (every ``world_size``-th image, from ``rank``)."""
     shard = ds if world_size == 1 else Subset(ds, range(rank, len(ds), world_size))
-    return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      pin_memory=pin_memory)
+    workers = min(workers, os.cpu_count() or 1)  # more processes than CPUs only compete for them
+    return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin_memory)
 
 
 @torch.inference_mode()
@@ -131,7 +131,7 @@ def evaluate_plans(cfg: EvalConfig, progress: Any = None) -> dict[str, Any]:
     model_name = cfg.model or run.get("model")
     if not model_name:
         raise EvalError("no model given: pass --model NAME (a timm name), or --checkpoint RUN_DIR of "
-                        "an imagepiece training run")
+                        "an imagepiece training run (or no options at all: the shipped models)")
     if not timm.is_model(model_name):
         raise EvalError(f"unknown model {model_name!r}; any timm.list_models() name or imagepiece_*")
     if not cfg.methods:

@@ -445,13 +445,15 @@ def train(cfg: TrainConfig, resume: str | None = None, console: Any = None) -> d
     # what makes a resumed run read the same batches.
     sampler = DistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank, shuffle=True,
                                  seed=cfg.seed, drop_last=True)
-    loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+    # More loader processes than CPUs only compete with the model for them (and torch warns).
+    workers = min(cfg.workers, os.cpu_count() or 1)
+    loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
                         drop_last=True, pin_memory=info.device.type == "cuda")
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise DataError(f"the training set has {len(train_ds)} images, fewer than one batch of "
                         f"{cfg.batch_size} x {info.world_size} processes")
-    val_loader = make_eval_loader(val_ds, cfg.batch_size, cfg.workers, info.rank, info.world_size,
+    val_loader = make_eval_loader(val_ds, cfg.batch_size, workers, info.rank, info.world_size,
                                   info.device.type == "cuda")
     scheduler, _ = create_scheduler_v2(
         optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
