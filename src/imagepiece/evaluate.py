@@ -266,12 +266,15 @@ def render_shipped(result: dict[str, Any], console: Any = None) -> None:
     console = console or Console()
     table = Table(title=f"shipped models on Fashion-MNIST {result['split']} ({result['images']} images "
                         f"from {result['source']}: {result['root']})")
-    for name in ("model", "plan", "top-1", "top-5", "card top-1", "GMACs", "images/s", "speed-up"):
-        table.add_column(name, justify="left" if name in ("model", "plan") else "right")
+    table.add_column("model", no_wrap=True)
+    table.add_column("plan", overflow="fold", max_width=26)
+    for name in ("top-1", "top-5", "card top-1", "MMACs", "img/s", "speed-up"):
+        table.add_column(name, justify="right", no_wrap=True)
     for r in result["results"]:
-        table.add_row(r["model"], r["method"], f"{r['top1']:.2f}", f"{r['top5']:.2f}",
-                      f"{r['card_top1']:.2f}" if r["card_top1"] is not None else "-", f"{r['gmacs']:.4f}",
-                      f"{r['images_per_s']:.0f}", f"{r['speedup']:.2f}x" if r["speedup"] else "-")
+        card = f"{r['card_top1']:.2f}" if r["card_top1"] is not None else "-"
+        table.add_row(r["model"], r["method"], f"{r['top1']:.2f}", f"{r['top5']:.2f}", card,
+                      f"{1000 * r['gmacs']:.1f}", f"{r['images_per_s']:.0f}",
+                      f"{r['speedup']:.2f}x" if r["speedup"] else "-")
     console.print(table)
     console.print(f"{result['device']}, {result['threads']} threads, batch {result['batch']}; images/s "
                   "interleaved in this run (ratios count, absolute numbers depend on the machine). "
