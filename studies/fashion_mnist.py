@@ -13,7 +13,6 @@ Re-running the script skips runs whose last checkpoint is complete (``--fresh`` 
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import json
 import os
@@ -28,8 +27,15 @@ import yaml
 
 from imagepiece import train as T
 from imagepiece.analysis import masking_robustness
-from imagepiece.bench import count_gmacs, machine_info, steady_allocator, time_interleaved
-from imagepiece.checkpoint import load_checkpoint
+from imagepiece.bench import (
+    count_gmacs,
+    format_method,
+    machine_info,
+    steady_allocator,
+    time_interleaved,
+    use_method,
+)
+from imagepiece.checkpoint import atomic_write, load_checkpoint
 from imagepiece.data import build_dataset
 from imagepiece.evaluate import evaluate_model, make_eval_loader
 
@@ -116,10 +122,6 @@ TUNING = [
     dict(merge_share=0.5, locality=0.3, rounds=1),
     dict(merge_share=0.5, locality=0.1, rounds=2),
 ]
-
-
-def method_spec(preset: str, knobs: dict[str, Any]) -> str:
-    return preset + (":" + ",".join(f"{k}={v}" for k, v in knobs.items()) if knobs else "")
 
 
 class Study:
@@ -220,15 +222,8 @@ class Study:
 
     def load_row(self, row: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]]:
         """The row's trained model with the row's plan applied."""
-        from imagepiece import patch, unpatch
-        from imagepiece.bench import parse_method
-
         model, cfg = self.load(os.path.join(self.runs, row["run"]))
-        preset, kn = parse_method(row["method"])
-        if preset == "none" and not cfg["model"].startswith("imagepiece_"):
-            unpatch(model)
-        else:
-            patch(model, preset, **kn)
+        use_method(model, row["method"], registered=cfg["model"].startswith("imagepiece_"))
         return model, cfg
 
     def measure_speed(self, models: dict[str, torch.nn.Module], results: list[dict[str, Any]]) -> dict:
@@ -297,7 +292,7 @@ class Study:
         tuning = []
         for i, knobs in enumerate(TUNING if c["tune"] else TUNING[:1]):
             name = "tune-" + "-".join(f"{k}{v}" for k, v in knobs.items())
-            run_dir = self.finetune(name, COHERENT, method_spec("imagepiece", knobs))
+            run_dir = self.finetune(name, COHERENT, format_method("imagepiece", knobs))
             meta = load_checkpoint(os.path.join(run_dir, "checkpoints", "last"), with_state=False).meta
             tuning.append({"run": name, **knobs, "val_top1": meta["metrics"]["val_top1"], "default": i == 0})
             self.log(f"  val top-1 {meta['metrics']['val_top1']:.2f}")
@@ -306,9 +301,9 @@ class Study:
         knobs = {k: best[k] for k in ("merge_share", "locality", "rounds")}
         write_csv(os.path.join(self.out, "tuning.csv"), tuning)
         self.log(f"tuned ImagePiece knobs: {knobs}")
-        ip = method_spec("imagepiece", knobs)
-        ip_hyper = method_spec("imagepiece", dict(knobs, keep_rate=IMAGEPIECE_HYPER))
-        ip_tome = method_spec("imagepiece+tome", dict(r=TOME_R, locality=knobs["locality"]))
+        ip = format_method("imagepiece", knobs)
+        ip_hyper = format_method("imagepiece", dict(knobs, keep_rate=IMAGEPIECE_HYPER))
+        ip_tome = format_method("imagepiece+tome", dict(r=TOME_R, locality=knobs["locality"]))
 
         # 2. Fine-tunes. rows: name -> (run dir or None for off-the-shelf, method for eval, group)
         rows: dict[str, dict[str, Any]] = {
@@ -523,21 +518,26 @@ def export(study: Study, rows: dict[str, Any], results: list[dict[str, Any]], mo
 
 
 def write_json(path: str, obj: Any) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(path + ".tmp", path)
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+
+    atomic_write(path, write)
 
 
 def write_csv(path: str, rows: list[dict[str, Any]]) -> None:
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
-    with open(path + ".tmp", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in copy.copy(r).items()})
-    os.replace(path + ".tmp", path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
+
+    atomic_write(path, write)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .patch.timm import _attention, patch
+from .patch.timm import _attention, patch, unpatch
 from .plan import PRESETS, make_plan
 
 __all__ = [
@@ -216,7 +216,20 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
     return name, knobs
 
 
-def _label(name: str, knobs: dict[str, Any]) -> str:
+def use_method(model: nn.Module, spec: str, registered: bool = False) -> nn.Module:
+    """Put ``model`` under the plan of ``spec``. ``none`` unpatches a plain timm model (the exact
+    original); a ``registered`` ``imagepiece_*`` model, created patched, gets the zero plan.
+    Raises ``ValueError``/``TypeError`` when the spec or its plan does not fit the model."""
+    name, knobs = parse_method(spec)
+    if name == "none" and not registered:
+        return unpatch(model)
+    return patch(model, name, **knobs)
+
+
+def format_method(name: str, knobs: dict[str, Any]) -> str:
+    """The spec :func:`parse_method` reads back: ``("evit", {"keep_rate": 0.5})`` ->
+    ``"evit:keep_rate=0.5"``."""
+
     def fmt(v):
         return ";".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
     return name + (":" + ",".join(f"{k}={fmt(v)}" for k, v in knobs.items()) if knobs else "")
@@ -250,9 +263,9 @@ def _expand_methods(config: BenchConfig, depth: int) -> list[tuple[str, str, dic
                 plan = make_plan(name, depth, **kn)
             except (TypeError, ValueError) as e:
                 allowed = ", ".join(sorted(names - {"fuse"})) or "none"
-                raise BenchError(f"invalid method {_label(name, kn)!r}: {e} (knobs of {name!r}: "
+                raise BenchError(f"invalid method {format_method(name, kn)!r}: {e} (knobs of {name!r}: "
                                  f"{allowed})") from None
-            label = "none" if plan.is_identity and not kn and name == "none" else _label(name, kn)
+            label = "none" if plan.is_identity and not kn and name == "none" else format_method(name, kn)
             if label in seen:
                 continue
             seen.add(label)
@@ -624,19 +637,29 @@ _CSV_FIELDS = ["label", "plan", "knobs", "device", "dtype", "batch", "threads", 
 
 
 def write_json(result: BenchResult, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(result.as_dict(), f, indent=2)
+    from .checkpoint import atomic_write
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(result.as_dict(), f, indent=2)
+
+    atomic_write(path, write)
 
 
 def write_csv(result: BenchResult, path: str) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=_CSV_FIELDS)
-        w.writeheader()
-        for v in result.variants:
-            d = v.as_dict()
-            d["knobs"] = json.dumps(d["knobs"])
-            d["tokens_per_block"] = " ".join(f"{a}>{b}" for a, b in v.tokens)
-            w.writerow({k: ("" if d.get(k) is None else d.get(k)) for k in _CSV_FIELDS})
+    from .checkpoint import atomic_write
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=_CSV_FIELDS)
+            w.writeheader()
+            for v in result.variants:
+                d = v.as_dict()
+                d["knobs"] = json.dumps(d["knobs"])
+                d["tokens_per_block"] = " ".join(f"{a}>{b}" for a, b in v.tokens)
+                w.writerow({k: ("" if d.get(k) is None else d.get(k)) for k in _CSV_FIELDS})
+
+    atomic_write(path, write)
 
 
 def write_plot(result: BenchResult, path: str) -> None:

@@ -12,7 +12,6 @@ import json
 import os
 import statistics
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -35,6 +34,15 @@ def make_eval_loader(ds: Dataset, batch_size: int, workers: int = 0, rank: int =
     shard = ds if world_size == 1 else Subset(ds, range(rank, len(ds), world_size))
     workers = min(workers, os.cpu_count() or 1)  # more processes than CPUs only compete for them
     return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin_memory)
+
+
+def first_images(ds: Dataset, max_images: int | None) -> Dataset:
+    """The first ``max_images`` items of ``ds`` (all of them for None)."""
+    if max_images is None:
+        return ds
+    if max_images < 1:
+        raise EvalError(f"max_images={max_images} must be >= 1")
+    return Subset(ds, range(min(max_images, len(ds))))
 
 
 @torch.inference_mode()
@@ -120,8 +128,7 @@ def evaluate_plans(cfg: EvalConfig, progress: Any = None) -> dict[str, Any]:
     """Evaluate the weights of ``cfg`` under every method; returns the results and the setup."""
     import timm
 
-    from . import is_patched, patch, unpatch
-    from .bench import parse_method
+    from .bench import parse_method, use_method
     from .checkpoint import load_weights
     from .data import TransformConfig, build_dataset, num_classes_of
     from .train import setup_distributed
@@ -136,7 +143,7 @@ def evaluate_plans(cfg: EvalConfig, progress: Any = None) -> dict[str, Any]:
         raise EvalError(f"unknown model {model_name!r}; any timm.list_models() name or imagepiece_*")
     if not cfg.methods:
         raise EvalError("no method to evaluate; pass e.g. --method none --method evit")
-    parsed = [(spec, *parse_method(spec)) for spec in cfg.methods]
+    parsed = [(spec, parse_method(spec)[0]) for spec in cfg.methods]
     dataset = cfg.dataset or saved.get("dataset") or "imagefolder"
     data_root = cfg.data_root or (saved.get("data_root") if dataset == saved.get("dataset") else None)
     img_size = cfg.img_size or run.get("img_size") or (224 if dataset == "imagefolder" else 32)
@@ -147,10 +154,7 @@ def evaluate_plans(cfg: EvalConfig, progress: Any = None) -> dict[str, Any]:
                        transform_cfg=TransformConfig(crop_pct=cfg.crop_pct, interpolation=cfg.interpolation),
                        num_classes=cfg.num_classes or 10, length=cfg.data_length, seed=cfg.seed)
     num_classes = cfg.num_classes or run.get("num_classes") or num_classes_of(ds)
-    if cfg.max_images is not None:
-        if cfg.max_images < 1:
-            raise EvalError(f"max_images={cfg.max_images} must be >= 1")
-        ds = Subset(ds, range(min(cfg.max_images, len(ds))))
+    ds = first_images(ds, cfg.max_images)
     kwargs = dict(saved.get("model_kwargs") or {})
     kwargs.update(cfg.model_kwargs)
     kwargs.setdefault("img_size", img_size)
@@ -167,15 +171,11 @@ def evaluate_plans(cfg: EvalConfig, progress: Any = None) -> dict[str, Any]:
     loader = make_eval_loader(ds, cfg.batch_size, cfg.workers, info.rank, info.world_size,
                               info.device.type == "cuda")
     rows = []
-    for i, (spec, preset, knobs) in enumerate(parsed):
-        if preset == "none" and not own_plan:
-            if is_patched(model):
-                unpatch(model)
-        else:
-            try:
-                patch(model, preset, **knobs)
-            except (TypeError, ValueError) as e:
-                raise EvalError(f"method {spec!r}: {e}") from None
+    for i, (spec, _) in enumerate(parsed):
+        try:
+            use_method(model, spec, registered=own_plan)
+        except (TypeError, ValueError) as e:
+            raise EvalError(f"method {spec!r}: {e}") from None
         result = evaluate_model(model, loader, info.device, cfg.amp, info.world_size)
         rows.append({"method": spec, **result})
         if progress is not None:
@@ -208,14 +208,13 @@ def render(result: dict[str, Any], console: Any = None) -> None:
 
 def write_json(result: dict[str, Any], path: str) -> None:
     """Write the result atomically."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2, default=str)
-    os.replace(tmp, path)
+    from .checkpoint import atomic_write
 
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=2, default=str)
 
-def _methods(specs: Sequence[str] | None) -> tuple[str, ...]:
-    return tuple(specs) if specs else ("none", "tome", "evit", "imagepiece")
+    atomic_write(path, write)
 
 
 def evaluate_shipped(data_root: str | None = None, split: str = "test", max_images: int | None = None,
@@ -232,11 +231,7 @@ def evaluate_shipped(data_root: str | None = None, split: str = "test", max_imag
     source = {DEBIAN_FASHION_ROOT: "Debian package dataset-fashion-mnist",
               PACKAGED_FASHION_ROOT: "the copy of the test split shipped with imagepiece"}
     source = source.get(root, "given folder")
-    ds = build_dataset("fashion-mnist", root, split, 32, train_transform=False)
-    if max_images is not None:
-        if max_images < 1:
-            raise EvalError(f"max_images={max_images} must be >= 1")
-        ds = Subset(ds, range(min(max_images, len(ds))))
+    ds = first_images(build_dataset("fashion-mnist", root, split, 32, train_transform=False), max_images)
     loader = make_eval_loader(ds, batch_size)
     models, rows = {}, []
     for i, (name, card) in enumerate(cards.items()):

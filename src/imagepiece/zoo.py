@@ -60,8 +60,7 @@ def load_shipped(name: str = "imagepiece", patched: bool = True) -> nn.Module:
     """
     import timm
 
-    from . import patch, unpatch
-    from .bench import parse_method
+    from .bench import use_method
     from .checkpoint import load_weights
     from .data import FASHION_MEAN, FASHION_STD
 
@@ -72,11 +71,5 @@ def load_shipped(name: str = "imagepiece", patched: bool = True) -> nn.Module:
     overlay = dict(mean=FASHION_MEAN, std=FASHION_STD, input_size=(3, 32, 32), crop_pct=1.0)
     model = timm.create_model(m.model, pretrained_cfg_overlay=overlay, **m.model_kwargs)
     load_weights(model, m.path, strict=True, adapt=False)
-    preset, knobs = parse_method(m.method)
-    if patched and preset != "none":
-        patch(model, preset, **knobs)
-    elif not m.model.startswith("imagepiece_"):
-        unpatch(model)
-    else:
-        patch(model, "none")
+    use_method(model, m.method if patched else "none", registered=m.model.startswith("imagepiece_"))
     return model.eval()
