@@ -1,4 +1,5 @@
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -11,7 +12,8 @@ def patch_counts(plan, num_tokens=197, prefix=1, depth=12):
 
 
 # SPEC §3 golden values: final token count (timm ViT/DeiT, 224 px, 12 blocks).
-@pytest.mark.parametrize("r, final", [(8, 101), ((8, -1.0), 106), ([16] * 4, 133), (13, 41)])
+@pytest.mark.parametrize("r, final", [(8, 101), ((8, -1.0), 106), ((8, -1), 106), ([16] * 4, 133),
+                                      (13, 41)])
 def test_tome_golden_counts(r, final):
     assert patch_counts(make_plan("tome", r=r))[-1] == final
     # one more each with a distillation token
@@ -27,6 +29,12 @@ def test_tome_schedule_shapes():
     assert tome_schedule(3, 4) == [3, 3, 3, 3]
     assert tome_schedule([5, 2], 4) == [5, 2, 0, 0]
     assert tome_schedule((8, -1.0), 12)[0] == 16 and tome_schedule((8, -1.0), 12)[-1] == 0
+    # an int inflection is still an inflection, not a two-block list
+    assert tome_schedule((8, -1), 12) == tome_schedule((8, -1.0), 12)
+    assert tome_schedule((8, 0), 12) == [8] * 12
+    assert tome_schedule((8, 1), 12) == tome_schedule((8, 1.0), 12)
+    with pytest.raises(ValueError, match="inflection=2"):
+        tome_schedule((8, 2), 12)
     assert tome_schedule((8, 0.0), 12) == [8] * 12
     assert tome_schedule((8, 1.0), 12)[0] == 0 and tome_schedule((8, 1.0), 12)[-1] == 16
 
@@ -40,7 +48,12 @@ def test_evit_golden_counts():
     assert patch_counts(make_plan("evit", keep_rate=1.0)) == [197] * 12
 
 
+EVIT_07_FUSED = [196, 196, 196, 139, 139, 139, 99, 99, 99, 71, 71, 71]
+
+
 def test_imagepiece_default_counts():
+    """The default budget: the keep rate counts the tokens that entered the re-tokenization
+    block, so every prune block leaves EViT's golden counts (SPEC §4/§5)."""
     steps = make_plan("imagepiece").resolve(12, 197, 1)
     kinds = [s.kind for s in steps]
     assert kinds[2] == kinds[5] == kinds[8] == "retokenize"
@@ -49,16 +62,71 @@ def test_imagepiece_default_counts():
     # non-semantic set and half of them (29) merge.
     assert (steps[2].m, steps[2].r) == (58, 29)
     counts = [s.tokens_out - 1 for s in steps]
+    assert counts == [196, 196, 167, 139, 139, 119, 99, 99, 85, 71, 71, 71]
+    assert [counts[i] for i in (3, 6, 9)] == [EVIT_07_FUSED[i] for i in (3, 6, 9)]
+    # the saving is only in the blocks between re-tokenization and pruning
+    assert all(a <= b for a, b in zip(counts, EVIT_07_FUSED, strict=True))
+
+
+@pytest.mark.parametrize("depth", [8, 12, 16])
+@pytest.mark.parametrize("keep_rate", [0.3, 0.5, 0.7, 0.9])
+def test_imagepiece_budget_equals_evit_after_every_prune(depth, keep_rate):
+    evit = make_plan("evit", depth=depth, keep_rate=keep_rate).resolve(depth, 197, 1)
+    ip = make_plan("imagepiece", depth=depth, keep_rate=keep_rate).resolve(depth, 197, 1)
+    prunes = [i for i, s in enumerate(evit) if s.kind == "prune"]
+    assert prunes and all(ip[i].kind == "prune" for i in prunes)
+    assert [ip[i].tokens_out for i in prunes] == [evit[i].tokens_out for i in prunes]
+    assert sum(s.tokens_in for s in ip) < sum(s.tokens_in for s in evit)
+
+
+def test_compound_budget_is_an_option():
+    counts = [s.tokens_out - 1 for s in make_plan("imagepiece", budget="compound").resolve(12, 197, 1)]
     assert counts == [196, 196, 167, 118, 118, 101, 72, 72, 62, 45, 45, 45]
-    # fewer tokens than EViT at the same keep rate: that is where ImagePiece's speed-up comes from
-    evit = [c - 1 for c in patch_counts(make_plan("evit"))]
-    assert all(a <= b for a, b in zip(counts, evit, strict=True))
+    with pytest.raises(ValueError, match="budget='paper'"):
+        make_plan("imagepiece", budget="paper")
+
+
+def test_too_many_merges_for_the_budget_is_an_error():
+    plan = ReductionPlan((Retokenize(nonsemantic_share=0.9), Prune(0.9)))
+    with pytest.raises(ValueError, match="prune block 1 keeps"):
+        plan.resolve(2, 65, 1)
+    # the same plan under the compound budget counts after merging and runs
+    assert replace(plan, budget="compound").resolve(2, 65, 1)[1].kind == "prune"
 
 
 def test_imagepiece_rounds_grow_groups():
     steps = make_plan("imagepiece", rounds=2).resolve(12, 197, 1)
-    assert [s.kind for s in steps[1:4]] == ["retokenize", "retokenize", "prune"]
+    assert [s.kind for s in steps] == ["none"] + ["retokenize", "retokenize", "prune"] * 3 + ["none"] * 2
     assert steps[2].tokens_in == steps[1].tokens_out
+    # round two sizes its non-semantic set from what the prune will still drop
+    assert (steps[1].m, steps[2].m) == (58, 29)
+    assert [steps[i].tokens_out - 1 for i in (3, 6, 9)] == [139, 99, 71]
+
+
+@pytest.mark.parametrize("depth, rounds, block", [(6, 2, 1), (12, 3, 6), (8, 2, 4)])
+def test_rounds_that_cannot_be_placed_raise(depth, rounds, block):
+    with pytest.raises(ValueError, match=f"rounds={rounds} cannot be placed before prune block {block}"):
+        make_plan("imagepiece", depth=depth, rounds=rounds)
+
+
+def test_rounds_and_retokenize_blocks_are_exclusive():
+    with pytest.raises(ValueError, match="not both"):
+        make_plan("imagepiece", rounds=1, retokenize_blocks=(2,))
+    explicit = make_plan("imagepiece", retokenize_blocks=(1, 2, 5, 8))
+    assert [i for i, op in enumerate(explicit.ops) if isinstance(op, Retokenize)] == [1, 2, 5, 8]
+
+
+@pytest.mark.parametrize("knob", ["pairs_only", "size_norm", "fused_bias", "prop_attn"])
+def test_boolean_knobs_accept_only_booleans(knob):
+    assert make_plan("imagepiece", **{knob: True})
+    with pytest.raises(ValueError, match=f"{knob}='maybe'"):
+        make_plan("imagepiece", **{knob: "maybe"})
+
+
+def test_scoring_knobs_reach_the_steps():
+    steps = make_plan("imagepiece", size_norm=True, pairs_only=True).resolve(12, 197, 1)
+    assert steps[2].size_norm and steps[2].pairs_only and steps[3].size_norm
+    assert make_plan("imagepiece", fused_bias=False).fused_bias is False
 
 
 def test_imagepiece_tome_matches_tome_counts():
@@ -130,7 +198,9 @@ def test_custom_plan_with_share():
     plan = ReductionPlan((None, Retokenize(nonsemantic_share=0.5), Prune(0.5, fuse=False)))
     steps = plan.resolve(3, 65, 1)
     assert (steps[1].m, steps[1].r) == (32, 16)
-    assert steps[2].tokens_out == 1 + math.ceil(0.5 * 48)
+    assert steps[2].tokens_out == 1 + math.ceil(0.5 * 64)  # counted before merging (budget="evit")
+    compound = replace(plan, budget="compound").resolve(3, 65, 1)
+    assert compound[2].tokens_out == 1 + math.ceil(0.5 * 48)
 
 
 def test_keep_rate_warmup():

@@ -30,12 +30,10 @@ Library use::
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import csv
 import dataclasses
 import difflib
-import json
-import math
 import os
 import platform
 import random
@@ -48,17 +46,25 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .bench_backends import BACKENDS, MODES, build
+from .bench_busy import BusyMonitor
+from .bench_report import NOISY_IQR, output_problem, render, write_csv, write_json, write_plot
 from .patch.timm import _attention, patch, unpatch
 from .plan import PRESETS, make_plan
 
 __all__ = [
+    "BACKENDS",
     "DEFAULT_METHODS",
+    "MODES",
+    "NOISY_IQR",
     "HYPER_SPEED",
     "BenchConfig",
     "BenchError",
     "BenchResult",
     "VariantResult",
     "parse_method",
+    "check_outputs",
+    "render",
     "run_benchmark",
     "write_csv",
     "write_json",
@@ -73,9 +79,6 @@ HYPER_SPEED = "imagepiece-hyper"
 
 #: The unmodified model, ToMe r=13, EViT keep 0.7, ImagePiece keep 0.7 and its hyper-speed.
 DEFAULT_METHODS = ("none", "tome", "evit", "imagepiece", HYPER_SPEED)
-
-#: An img/s interquartile range wider than this share of the median is flagged as noisy.
-NOISY_IQR = 0.10
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16",
@@ -95,7 +98,7 @@ class BenchConfig:
     methods: Sequence[str] = DEFAULT_METHODS
     keep_rates: Sequence[float] = ()  # sweep: applied to methods with a keep_rate knob
     rs: Sequence[int] = ()  # sweep: applied to methods with an r knob
-    batch_sizes: Sequence[int] = (32,)
+    batch_sizes: Sequence[int] | None = None  # None: 1 with latency, else 32
     threads: Sequence[int] = ()  # () = torch's current setting
     devices: Sequence[str] = ("cpu",)
     dtypes: Sequence[str] = ("fp32",)
@@ -110,6 +113,22 @@ class BenchConfig:
     #: so that no variant pays page faults for buffers the previous variant gave back to the OS;
     #: "default": leave the allocator alone. See :func:`steady_allocator`.
     allocator: str = "steady"
+    #: "inference" times a forward pass; "train" a full training step (forward, cross-entropy,
+    #: backward, AdamW step) with each variant's own copy of the weights and optimizer.
+    mode: str = "inference"
+    #: Report per-call milliseconds (p50/p90/p99) and the reduction share instead of img/s.
+    latency: bool = False
+    #: Timed calls per variant per round (None: 10 with latency, else 1).
+    calls: int | None = None
+    #: Each is a group with its own baseline through the same backend: eager, compile
+    #: (torch.compile), onnxruntime (ONNX export, CPU provider; inference, CPU, fp32 only).
+    backends: Sequence[str] = ("eager",)
+    compile_backend: str = "inductor"  # torch.compile's backend ("aot_eager" in fast tests)
+    #: Mixed precision: autocast fp16 on CUDA (with a GradScaler in training), bf16 on CPU.
+    amp: bool = False
+    grad_checkpointing: bool = False  # training mode: timm's set_grad_checkpointing()
+    #: Sample other processes' CPU use and time a calibration kernel around the rounds.
+    busy_check: bool = True
 
 
 @dataclass
@@ -123,17 +142,18 @@ class VariantResult:
     dtype: str
     batch: int
     threads: int
-    gmacs: float
+    gmacs: float  # forward pass, per image
     tokens: list[tuple[int, int]]  # (entering, leaving) each block, prefix tokens included
     times: list[float]
-    ips_median: float
-    ips_q1: float
-    ips_q3: float
-    ips_min: float
-    ips_max: float
-    speedup: float  # ratio of medians to the unmodified model
-    speedup_rounds: float  # median of per-round ratios
-    speedup_best: float  # ratio of best (least disturbed) img/s: robust when a CPU is shared
+    # None below: the variant failed under its backend (see ``error``) or the baseline did
+    ips_median: float | None
+    ips_q1: float | None
+    ips_q3: float | None
+    ips_min: float | None
+    ips_max: float | None
+    speedup: float | None  # ratio of medians to the unmodified model
+    speedup_rounds: float | None  # median of per-round ratios
+    speedup_best: float | None  # ratio of best (least disturbed) img/s: robust when a CPU is shared
     limit_gmacs: float | None = None
     limit_times: list[float] | None = None
     limit_ips_median: float | None = None
@@ -141,6 +161,17 @@ class VariantResult:
     efficiency: float | None = None  # speedup / limit_speedup
     efficiency_best: float | None = None  # from best img/s of the plan and of its limit
     peak_mem_mib: float | None = None  # CUDA only
+    mode: str = "inference"
+    backend: str = "eager"
+    ms_p50: float | None = None  # per-call milliseconds
+    ms_p90: float | None = None
+    ms_p99: float | None = None
+    limit_ms_p50: float | None = None
+    #: 1 - limit median / variant median: share of the time spent beyond the plan's limit
+    #: (choosing, merging, tracking tokens).
+    reduction_share: float | None = None
+    prep_s: float | None = None  # compile or export, plus the first call; never timed
+    error: str | None = None  # why the variant could not run under its backend
 
     @property
     def final_tokens(self) -> int:
@@ -160,11 +191,14 @@ class BenchResult:
     random_weights: bool
     weights: str
     variants: list[VariantResult]
+    #: One record per group: ``group`` (mode, backend, device, dtype, batch, threads), ``busy``,
+    #: ``reasons`` and the readings (see :mod:`imagepiece.bench_busy`).
+    busy: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {"config": self.config, "machine": self.machine,
                 "random_weights": self.random_weights, "weights": self.weights,
-                "variants": [v.as_dict() for v in self.variants]}
+                "variants": [v.as_dict() for v in self.variants], "busy": self.busy}
 
 
 # --------------------------------------------------------------------------------------
@@ -334,7 +368,9 @@ def _create_model(config: BenchConfig) -> tuple[nn.Module, str]:
     if config.checkpoint:
         _load_checkpoint(model, config.checkpoint)
         weights = f"checkpoint {config.checkpoint}"
-    return model.eval(), weights
+    # A registered imagepiece_* model is created under a plan: the baseline is the network
+    # itself, unreduced (issue 14, item 1).
+    return unpatch(model).eval(), weights
 
 
 def _load_checkpoint(model: nn.Module, path: str) -> None:
@@ -408,17 +444,30 @@ class LimitViT(nn.Module):
         self.model = model
         self.tokens = [tuple(t) for t in tokens]
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.model.set_grad_checkpointing(enable)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
         m = self.model
         x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
+        ckpt = m.grad_checkpointing and self.training and torch.is_grad_enabled()
         for blk, (n_in, n_out) in zip(m.blocks, self.tokens, strict=True):
-            if x.shape[1] != n_in:
-                x = x[:, :n_in]
-            x = x + blk.drop_path1(blk.ls1(_attention(blk.attn, blk.norm1(x), None)[0]))
-            if n_out != n_in:
-                x = x[:, :n_out]
-            x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+            if ckpt:
+                x = checkpoint(_limit_block, blk, x, n_in, n_out, use_reentrant=False)
+            else:
+                x = _limit_block(blk, x, n_in, n_out)
         return m.forward_head(m.norm(x))
+
+
+def _limit_block(blk: nn.Module, x: torch.Tensor, n_in: int, n_out: int) -> torch.Tensor:
+    if x.shape[1] != n_in:
+        x = x[:, :n_in]
+    x = x + blk.drop_path1(blk.ls1(_attention(blk.attn, blk.norm1(x), None)[0]))
+    if n_out != n_in:
+        x = x[:, :n_out]
+    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
 
 # --------------------------------------------------------------------------------------
@@ -623,135 +672,3 @@ def _summarise(models, tokens, times, gmacs, limit_gmacs, methods, device, dtype
         v.peak_mem_mib = _peak_mem(models[label], x, device, autocast)
         out.append(v)
     return out
-
-
-# --------------------------------------------------------------------------------------
-# Output
-# --------------------------------------------------------------------------------------
-
-_CSV_FIELDS = ["label", "plan", "knobs", "device", "dtype", "batch", "threads", "gmacs",
-               "limit_gmacs", "final_tokens", "tokens_per_block", "ips_median", "ips_q1",
-               "ips_q3", "ips_min", "ips_max", "speedup", "speedup_rounds", "speedup_best",
-               "limit_ips_median", "limit_speedup", "efficiency", "efficiency_best",
-               "peak_mem_mib"]
-
-
-def write_json(result: BenchResult, path: str) -> None:
-    from .checkpoint import atomic_write
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(result.as_dict(), f, indent=2)
-
-    atomic_write(path, write)
-
-
-def write_csv(result: BenchResult, path: str) -> None:
-    from .checkpoint import atomic_write
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=_CSV_FIELDS)
-            w.writeheader()
-            for v in result.variants:
-                d = v.as_dict()
-                d["knobs"] = json.dumps(d["knobs"])
-                d["tokens_per_block"] = " ".join(f"{a}>{b}" for a, b in v.tokens)
-                w.writerow({k: ("" if d.get(k) is None else d.get(k)) for k in _CSV_FIELDS})
-
-    atomic_write(path, write)
-
-
-def write_plot(result: BenchResult, path: str) -> None:
-    """Speed-up against GMACs per image (filled: measured; hollow: limit)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 5))
-    groups: dict[tuple, list[VariantResult]] = {}
-    for v in result.variants:
-        groups.setdefault((v.device, v.dtype, v.batch, v.threads), []).append(v)
-    for (device, dtype, batch, threads), vs in groups.items():
-        name = f"{device} {dtype} batch {batch}, {threads} threads"
-        pts = ax.scatter([v.gmacs for v in vs], [v.speedup for v in vs], label=name)
-        lim = [v for v in vs if v.limit_speedup is not None]
-        if lim:
-            ax.scatter([v.limit_gmacs for v in lim], [v.limit_speedup for v in lim],
-                       facecolors="none", edgecolors=pts.get_facecolor(), label=f"limit ({name})")
-        for v in vs:
-            ax.annotate(v.label, (v.gmacs, v.speedup), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
-    ax.set_xlabel("GMACs per image")
-    ax.set_ylabel("speed-up vs unmodified (ratio of medians)")
-    weights = "random weights" if result.random_weights else result.weights
-    ax.set_title(f"{result.config['model']} ({weights})", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _fmt(v: float | None, spec: str) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
-
-
-def render(result: BenchResult, console=None) -> None:
-    """Print the header, the results table and the per-block token counts with rich."""
-    from rich.console import Console
-    from rich.table import Table
-
-    if console is None:
-        console = Console()
-        if not console.is_terminal or console.width < 170:
-            console = Console(width=170)
-    m, c = result.machine, result.config
-    console.print(f"[bold]imagepiece bench[/bold]  model {c['model']}  machine: {m['cpu']} "
-                  f"({m['cpu_count']} logical CPUs){'  GPU: ' + m['gpu'] if 'gpu' in m else ''}")
-    console.print(f"torch {m['torch']}  timm {m['timm']}  python {m['python']}  "
-                  f"warm-up {c['warmup']}, {c['runs']} interleaved rounds (shuffled), "
-                  f"inference_mode, allocator {c.get('allocator', 'default')}")
-    if result.random_weights:
-        console.print("[yellow]weights: random (nothing can be downloaded here); speed and GMACs "
-                      "do not depend on weights, token choices do.[/yellow]")
-    else:
-        console.print(f"weights: {result.weights}")
-    groups: dict[tuple, list[VariantResult]] = {}
-    for v in result.variants:
-        groups.setdefault((v.device, v.dtype, v.batch, v.threads), []).append(v)
-    for (device, dtype, batch, threads), vs in groups.items():
-        t = Table(title=f"device {device}, dtype {dtype}, batch {batch}, threads {threads}")
-        for col in ("variant", "GMACs", "tokens out", "img/s", "img/s IQR", "speed-up",
-                    "per-round", "best", "limit img/s", "limit x", "efficiency", "eff. best",
-                    "peak MiB"):
-            t.add_column(col, justify="left" if col == "variant" else "right",
-                         no_wrap=col == "variant")
-        for v in vs:
-            gm = f"{v.gmacs:.2f}" if v.gmacs >= 1 else f"{v.gmacs:.4f}"
-            t.add_row(v.label, gm, str(v.final_tokens), f"{v.ips_median:.1f}",
-                      f"{v.ips_q1:.1f}-{v.ips_q3:.1f}", f"{v.speedup:.2f}x",
-                      f"{v.speedup_rounds:.2f}x", f"{v.speedup_best:.2f}x",
-                      _fmt(v.limit_ips_median, ".1f"), _fmt(v.limit_speedup, ".2f"),
-                      _fmt(v.efficiency, ".3f"), _fmt(v.efficiency_best, ".3f"),
-                      _fmt(v.peak_mem_mib, ".0f"))
-        console.print(t)
-    spread = max(((v.ips_q3 - v.ips_q1) / v.ips_median for v in result.variants), default=0.0)
-    if spread > NOISY_IQR:
-        console.print(f"[bold red]noisy timings: an img/s IQR reaches {spread:.0%} of its median "
-                      "(other processes were competing for the CPU). Do not trust these ratios; "
-                      "rerun on a quiet machine or with more --runs.[/bold red]")
-    console.print("tokens entering each block (prefix included), then leaving the last:")
-    seen = set()
-    for v in result.variants:
-        if v.label in seen:
-            continue
-        seen.add(v.label)
-        console.print(f"  {v.label:<28} " + " ".join(str(a) for a, _ in v.tokens)
-                      + f" -> {v.final_tokens}")
-    console.print("speed-up = ratio of median img/s to the unmodified model; per-round = median "
-                  "of per-round ratios; best = ratio of the best (least disturbed) img/s; limit = "
-                  "same blocks on pre-cut sequences; efficiency = speed-up / limit speed-up "
-                  "(medians; eff. best from best img/s). Peak memory: CUDA only (n/a on CPU). On "
-                  "a shared CPU only ratios from one run count.")

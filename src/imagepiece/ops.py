@@ -47,7 +47,7 @@ def class_attention(
     has_class_token: bool,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Head-averaged post-softmax attention that the patch tokens receive from one query.
+    """Head-averaged post-softmax attention that the patch tokens receive from one query (fp32).
 
     With a class token this is the [CLS] query row (EViT's score). Without one there is no
     [CLS] query; we use the mean query as a stand-in, which ranks tokens by how much an
@@ -59,8 +59,9 @@ def class_attention(
     logits = (query * scale) @ k.transpose(-2, -1)  # (B, H, 1, N)
     if bias is not None:
         logits = logits + bias
+    # Kept in fp32: casting back to fp16/bf16 would create ties that change the ranking.
     attn = logits.float().softmax(dim=-1).mean(dim=1)[:, 0]  # (B, N)
-    return attn[:, num_prefix:].to(q.dtype)
+    return attn[:, num_prefix:]
 
 
 def proportional_bias(size: torch.Tensor) -> torch.Tensor:
@@ -233,16 +234,20 @@ def retokenize_matching(
     positions: torch.Tensor | None = None,
     locality: float = 0.0,
     grid_extent: float = 1.0,
+    pairs_only: bool = False,
 ) -> MergeIndex:
     """ImagePiece re-tokenization: merge similar non-semantic tokens, never semantic ones.
 
-    The ``num_nonsemantic`` patch tokens with the lowest class-attention ``scores`` form the
-    non-semantic set. It is put back in positional order and split alternately into A and B;
-    each A token finds its most similar B token by cosine of ``metric`` minus
-    ``locality · distance / grid_extent`` between grid centroids (nearby groups are favoured,
-    as pieces of one object usually are), and the ``r`` best pairs merge. Every token is a
-    source at most once. Output order: prefix, semantic tokens (by descending score), unmerged
-    non-semantic A tokens, then B tokens (the destinations). r = 0 is an identity decision.
+    The ``num_nonsemantic`` patch tokens with the lowest ``scores`` (class attention) form the
+    non-semantic set. It is put back in sequence order (raster order before any reduction) and
+    split alternately into A and B; each A token finds its most similar B token by cosine of
+    ``metric`` minus ``locality · distance / grid_extent`` between grid centroids (nearby groups
+    are favoured, as pieces of one object usually are), and the ``r`` A tokens with the best
+    matches merge into them. Many-to-one as in ToMe: several A tokens may join one B token.
+    ``pairs_only`` makes it one-to-one: pairs are taken greedily by descending score, each B
+    token receiving at most one A token. Output order: prefix, semantic tokens (by descending
+    score), unmerged non-semantic A tokens, then B tokens (the destinations); semantic tokens
+    are copied unchanged. r = 0 is an identity decision.
 
     metric: ``(B, N, C)``; scores: ``(B, N - P)``; positions: ``(B, N, 2)``.
     """
@@ -261,24 +266,54 @@ def retokenize_matching(
 
     rank = scores.argsort(dim=-1, descending=True) + num_prefix  # one sort decides the sets
     semantic = rank[:, : n - m]
-    nonsem = rank[:, n - m :].sort(dim=-1).values  # positional order so A/B alternate in space
+    nonsem = rank[:, n - m :].sort(dim=-1).values  # sequence order, so A/B alternate
     a_idx, b_idx = nonsem[:, ::2], nonsem[:, 1::2]
 
     penalty = None
     if locality and positions is not None:
         pa, pb = _gather(positions, a_idx), _gather(positions, b_idx)
         penalty = -locality * torch.cdist(pa, pb) / grid_extent
-    order, best_idx, best_cos = _best_matches(_gather(metric, a_idx), _gather(metric, b_idx), penalty)
-    src_a, unm_a = order[:, :r], order[:, r:]
+    a, b = _gather(metric, a_idx), _gather(metric, b_idx)
+    if pairs_only:
+        src_a, unm_a, dst_slot, sim = _one_to_one(a, b, penalty, r)
+    else:
+        order, best_idx, best_cos = _best_matches(a, b, penalty)
+        src_a, unm_a = order[:, :r], order[:, r:]
+        dst_slot, sim = best_idx.gather(1, src_a), best_cos.gather(1, src_a)
     prefix = torch.arange(num_prefix, device=device).expand(B, -1)
     keep = torch.cat([prefix, semantic, a_idx.gather(1, unm_a)], dim=1)
-    return MergeIndex(
-        keep=keep,
-        dst=b_idx,
-        src=a_idx.gather(1, src_a),
-        dst_slot=best_idx.gather(1, src_a),
-        similarity=best_cos.gather(1, src_a),
-    )
+    return MergeIndex(keep=keep, dst=b_idx, src=a_idx.gather(1, src_a), dst_slot=dst_slot,
+                      similarity=sim)
+
+
+def _one_to_one(
+    a: torch.Tensor, b: torch.Tensor, penalty: torch.Tensor | None, r: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Greedy one-to-one matching of ``r`` A rows to distinct B columns, best score first.
+
+    Returns (merged A rows, unmerged A rows in A order, B column of each merged row, raw cosine
+    of each pair). ``r`` static steps of a masked argmax keep shapes static for compile/ONNX;
+    the sets are small (the non-semantic tokens of one block), so the loop is cheap.
+    """
+    a = a / a.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    b = b / b.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    cos = a @ b.transpose(-1, -2)
+    scores = (cos if penalty is None else cos + penalty).clone()
+    Bn, na, nb = scores.shape
+    rows, cols = [], []
+    for _ in range(r):
+        flat = scores.flatten(1).argmax(dim=1)
+        i, j = flat // nb, flat % nb
+        rows.append(i)
+        cols.append(j)
+        scores.scatter_(1, i.view(Bn, 1, 1).expand(Bn, 1, nb), -math.inf)
+        scores.scatter_(2, j.view(Bn, 1, 1).expand(Bn, na, 1), -math.inf)
+    src, slot = torch.stack(rows, 1), torch.stack(cols, 1)
+    taken = torch.zeros(Bn, na, dtype=torch.bool, device=a.device).scatter(1, src, True)
+    # stable sort of the "taken" flags lists the unmerged rows first, in A order
+    unm = taken.to(torch.int8).argsort(dim=1, stable=True)[:, : na - r]
+    sim = cos.gather(1, src.unsqueeze(-1).expand(-1, -1, nb)).gather(2, slot.unsqueeze(-1)).squeeze(-1)
+    return src, unm, slot, sim
 
 
 # --------------------------------------------------------------------------------------
@@ -295,10 +330,13 @@ class SelectIndex(NamedTuple):
     dropped_weight: torch.Tensor  # (B, n - k) raw class-attention of dropped tokens
 
 
-def prune_select(scores: torch.Tensor, num_prefix: int, k: int) -> SelectIndex:
-    """EViT's top-k: keep the k patch tokens with the highest class attention.
+def prune_select(scores: torch.Tensor, num_prefix: int, k: int,
+                 weights: torch.Tensor | None = None) -> SelectIndex:
+    """EViT's top-k: keep the k patch tokens with the highest ``scores``.
 
     Kept tokens come in descending score order (as in EViT); prefix tokens stay in front.
+    ``weights`` (default: ``scores``) are what the fused token weights the dropped tokens by,
+    so a ranking by another score (e.g. size-normalised) still fuses with raw attention.
     """
     B, n = scores.shape
     if not 0 < k <= n:
@@ -307,7 +345,8 @@ def prune_select(scores: torch.Tensor, num_prefix: int, k: int) -> SelectIndex:
     prefix = torch.arange(num_prefix, device=scores.device).expand(B, -1)
     keep = torch.cat([prefix, order[:, :k] + num_prefix], dim=1)
     dropped = order[:, k:]
-    return SelectIndex(keep, dropped + num_prefix, scores.gather(1, dropped))
+    weights = scores if weights is None else weights
+    return SelectIndex(keep, dropped + num_prefix, weights.gather(1, dropped))
 
 
 def apply_select(index: SelectIndex, x: torch.Tensor, fuse: str | None = None) -> torch.Tensor:

@@ -40,6 +40,12 @@ def _check_int(name: str, value, low: int = 0) -> int:
     return value
 
 
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} is not allowed; expected True or False")
+    return value
+
+
 def _check_keep_rate(value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
         raise ValueError(f"keep_rate={value!r} is outside (0, 1]; expected 0 < keep_rate <= 1")
@@ -58,13 +64,23 @@ class Merge:
 
 @dataclass(frozen=True)
 class Prune:
-    """EViT: keep ``ceil(keep_rate · n)`` patch tokens by class attention; fuse the rest, §4."""
+    """EViT: keep ``ceil(keep_rate · n)`` patch tokens by class attention; fuse the rest, §4.
+
+    ``n`` is the patch-token count entering the block, or, under the plan's default
+    ``budget="evit"``, the count that entered the re-tokenization block(s) just before it, so a
+    re-tokenized model keeps exactly as many tokens as EViT. ``size_norm`` ranks by class
+    attention divided by token size (a merged group's score is otherwise roughly the sum of its
+    parts); the fused token still weights the dropped tokens by their raw attention.
+    """
 
     keep_rate: float
     fuse: bool = True
+    size_norm: bool = False
 
     def __post_init__(self):
         _check_keep_rate(self.keep_rate)
+        _check_bool("fuse", self.fuse)
+        _check_bool("size_norm", self.size_norm)
 
 
 @dataclass(frozen=True)
@@ -75,20 +91,30 @@ class Retokenize:
     - ``2 · r`` when ``r`` is given (``r`` merges, e.g. in place of a ToMe merge),
     - else ``round(nonsemantic_share · n)`` when that is given,
     - else the number the next :class:`Prune` block will drop (the paper's default).
-    Of those, ``floor(merge_share · m)`` pairs merge (0.5: every token pairs at most once).
+    It is split alternately into A and B and ``floor(merge_share · m)`` A tokens merge into
+    their best B token. As in ToMe the matching is many-to-one: several A tokens may join one
+    B token, so one round can form groups larger than two. ``pairs_only`` makes it one-to-one
+    (each B token takes at most one A token, pairs chosen greedily by score), so one round
+    forms pairs and every further round at most doubles a group. ``size_norm`` ranks tokens by
+    class attention divided by size.
     """
 
     merge_share: float = 0.5
     nonsemantic_share: float | None = None
     r: int | None = None
     locality: float = DEFAULT_LOCALITY
+    pairs_only: bool = False
+    size_norm: bool = False
 
     def __post_init__(self):
-        if not (isinstance(self.merge_share, (int, float)) and 0 < self.merge_share <= 0.5):
+        if not (isinstance(self.merge_share, (int, float)) and not isinstance(self.merge_share, bool)
+                and 0 < self.merge_share <= 0.5):
             raise ValueError(
                 f"merge_share={self.merge_share!r} is not allowed; expected 0 < merge_share <= 0.5 "
-                "(each non-semantic token pairs at most once, so at most half of them can merge)"
+                "(only A tokens, half of the non-semantic set, can be merged away)"
             )
+        _check_bool("pairs_only", self.pairs_only)
+        _check_bool("size_norm", self.size_norm)
         share = self.nonsemantic_share
         if share is not None and not (isinstance(share, (int, float)) and 0 < share < 1):
             raise ValueError(
@@ -104,6 +130,9 @@ class Retokenize:
 
 Op = Merge | Prune | Retokenize
 
+#: What a prune block's keep rate counts (see :class:`ReductionPlan`).
+BUDGETS = ("evit", "compound")
+
 
 @dataclass(frozen=True)
 class Step:
@@ -117,6 +146,8 @@ class Step:
     m: int = 0  # non-semantic set size (retokenize)
     fuse: bool = False
     locality: float = 0.0
+    pairs_only: bool = False
+    size_norm: bool = False  # rank by class attention / size
 
     @property
     def needs_scores(self) -> bool:
@@ -132,15 +163,28 @@ class ReductionPlan:
     """Per-block operations (``None`` = nothing; missing trailing blocks = nothing).
 
     ``prop_attn`` adds ``log(size)`` of each key to the attention logits wherever sizes differ
-    from 1 (ToMe's proportional attention).
+    from 1 (ToMe's proportional attention). ``fused_bias=False`` gives EViT's fused token no
+    such bias (it enters attention as one token, as in EViT) while its size still counts the
+    patches it absorbed. ``budget`` fixes what a :class:`Prune`'s keep rate counts:
+    ``"evit"`` (default) the patch tokens that entered the first re-tokenization block (one
+    without a fixed ``r``) since the previous prune, so token counts after every prune block
+    equal EViT's;
+    ``"compound"`` the tokens entering the prune block itself, after merging, so merges and
+    pruning compound (fewer tokens than EViT at the same keep rate).
     """
 
     ops: tuple[Op | None, ...] = ()
     prop_attn: bool = True
     name: str = "custom"
+    budget: Literal["evit", "compound"] = "evit"
+    fused_bias: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "ops", tuple(self.ops))
+        if self.budget not in BUDGETS:
+            raise ValueError(f"budget={self.budget!r} is not allowed; expected one of {BUDGETS}")
+        _check_bool("prop_attn", self.prop_attn)
+        _check_bool("fused_bias", self.fused_bias)
         for i, op in enumerate(self.ops):
             if op is not None and not isinstance(op, (Merge, Prune, Retokenize)):
                 raise TypeError(f"ops[{i}]={op!r} is not a Merge, Prune, Retokenize or None")
@@ -170,8 +214,14 @@ class ReductionPlan:
         ops = list(self.ops[:depth]) + [None] * (depth - len(self.ops))
         steps: list[Step] = []
         n_tok = num_tokens
+        base: int | None = None  # patch tokens entering the first re-tokenization since a prune
         for i, op in enumerate(ops):
-            step = _resolve_op(op, i, ops, n_tok, num_prefix)
+            # A re-tokenization with a fixed r stands in for a ToMe merge and does not count.
+            if isinstance(op, Retokenize) and op.r is None and base is None and self.budget == "evit":
+                base = n_tok - num_prefix
+            step = _resolve_op(op, i, ops, n_tok, num_prefix, base)
+            if isinstance(op, Prune):
+                base = None
             steps.append(step)
             n_tok = step.tokens_out
         return tuple(steps)
@@ -182,7 +232,9 @@ def _prune_keep(keep_rate: float, n: int) -> int:
     return math.ceil(keep_rate * n)
 
 
-def _resolve_op(op: Op | None, i: int, ops: list, n_tok: int, num_prefix: int) -> Step:
+def _resolve_op(op: Op | None, i: int, ops: list, n_tok: int, num_prefix: int,
+                base: int | None) -> Step:
+    """One block's step; ``base`` is the count a prune's keep rate applies to (None: ``n``)."""
     n = n_tok - num_prefix
     if op is None:
         return Step("none", n_tok, n_tok)
@@ -190,11 +242,27 @@ def _resolve_op(op: Op | None, i: int, ops: list, n_tok: int, num_prefix: int) -
         r = min(op.r, n // 2)
         return Step("merge", n_tok, n_tok - r, r=r) if r > 0 else Step("none", n_tok, n_tok)
     if isinstance(op, Prune):
-        k = _prune_keep(op.keep_rate, n)
-        if k >= n:
-            return Step("none", n_tok, n_tok)
-        return Step("prune", n_tok, num_prefix + k + int(op.fuse), k=k, fuse=op.fuse)
-    # Retokenize
+        return _resolve_prune(op, i, n_tok, num_prefix, n if base is None else base)
+    return _resolve_retokenize(op, i, ops, n_tok, num_prefix, base)
+
+
+def _resolve_prune(op: Prune, i: int, n_tok: int, num_prefix: int, base: int) -> Step:
+    n = n_tok - num_prefix
+    k = _prune_keep(op.keep_rate, base)
+    if k > n:
+        raise ValueError(
+            f"prune block {i} keeps ceil({op.keep_rate}·{base}) = {k} tokens but only {n} remain "
+            "after the re-tokenization before it; merge fewer tokens there or use budget='compound'"
+        )
+    if k == n:
+        return Step("none", n_tok, n_tok)
+    return Step("prune", n_tok, num_prefix + k + int(op.fuse), k=k, fuse=op.fuse,
+                size_norm=op.size_norm)
+
+
+def _resolve_retokenize(op: Retokenize, i: int, ops: list, n_tok: int, num_prefix: int,
+                        base: int | None) -> Step:
+    n = n_tok - num_prefix
     if op.r is not None:
         m = min(2 * op.r, n)
     elif op.nonsemantic_share is not None:
@@ -206,11 +274,13 @@ def _resolve_op(op: Op | None, i: int, ops: list, n_tok: int, num_prefix: int) -
                 f"Retokenize at block {i} needs r, nonsemantic_share, or a later Prune block "
                 "to size its non-semantic set"
             )
-        m = n - min(_prune_keep(nxt.keep_rate, n), n)
+        # Exactly the tokens the next prune will drop, under the plan's budget.
+        m = n - min(_prune_keep(nxt.keep_rate, n if base is None else base), n)
     r = m // 2 if op.r is not None else math.floor(op.merge_share * m)
     if r <= 0:
         return Step("none", n_tok, n_tok)
-    return Step("retokenize", n_tok, n_tok - r, r=r, m=m, locality=float(op.locality))
+    return Step("retokenize", n_tok, n_tok - r, r=r, m=m, locality=float(op.locality),
+                pairs_only=op.pairs_only, size_norm=op.size_norm)
 
 
 # --------------------------------------------------------------------------------------
@@ -223,15 +293,18 @@ RSchedule = int | Sequence[int] | tuple[int, float]
 def tome_schedule(r: RSchedule, depth: int) -> list[int]:
     """ToMe's r per block: an int (every block), a list (zero-padded), or ``(r, inflection)``.
 
-    With ``(r, inflection)``, inflection in [-1, 1]: block i gets
+    With ``(r, inflection)`` (any 2-tuple; inflection an int or float in [-1, 1]): block i gets
     ``int(min + i·(max − min)/(depth − 1))`` with ``min = int(r·(1 − inflection))``,
     ``max = 2r − min`` (−1: decreasing from 2r to 0; 0: constant; 1: increasing).
     """
-    if isinstance(r, tuple) and len(r) == 2 and isinstance(r[1], float):
+    if isinstance(r, tuple) and len(r) == 2:
+        # A 2-tuple is always (r, inflection), whatever the inflection's number type: an int
+        # inflection (SPEC's "(8, -1)") must not be read as a two-block list.
         base, inflect = r
         _check_int("r", base)
-        if not -1 <= inflect <= 1:
-            raise ValueError(f"inflection={inflect!r} is outside [-1, 1]")
+        if isinstance(inflect, bool) or not isinstance(inflect, (int, float)) or not -1 <= inflect <= 1:
+            raise ValueError(f"inflection={inflect!r} is not allowed; expected a number in [-1, 1] "
+                             "(r schedules as (r, inflection); use a list for per-block values)")
         lo = int(base * (1.0 - inflect))
         hi = 2 * base - lo
         step = (hi - lo) / (depth - 1) if depth > 1 else 0.0
@@ -302,23 +375,51 @@ def _evit(depth: int, keep_rate: float = 0.7, blocks: Sequence[int] | None = Non
 
 
 def _imagepiece(depth: int, keep_rate: float = 0.7, blocks: Sequence[int] | None = None,
-                fuse: bool = True, rounds: int = 1, merge_share: float = 0.5,
+                fuse: bool = True, rounds: int | None = None, merge_share: float = 0.5,
                 locality: float = DEFAULT_LOCALITY, prop_attn: bool = True,
-                retokenize_blocks: Sequence[int] | None = None) -> ReductionPlan:
+                retokenize_blocks: Sequence[int] | None = None, pairs_only: bool = False,
+                size_norm: bool = False, fused_bias: bool = True,
+                budget: str = "evit") -> ReductionPlan:
     blocks = _check_blocks(default_blocks(depth) if blocks is None else blocks, depth, "prune")
-    _check_int("rounds", rounds, 1)
     if retokenize_blocks is None:
-        # The ``rounds`` blocks before each prune block; in a shallow model where prune blocks
-        # are adjacent, a block that already prunes (or lies before block 0) is skipped.
-        retokenize_blocks = sorted({b - j for b in blocks for j in range(1, rounds + 1)
-                                    if b - j >= 0 and b - j not in blocks})
+        retokenize_blocks = _retokenize_blocks(blocks, rounds)
+    elif rounds is not None:
+        raise ValueError("give rounds or retokenize_blocks, not both")
     retok = _check_blocks(retokenize_blocks, depth, "retokenize")
     if set(retok) & set(blocks):
         raise ValueError(f"retokenize_blocks {retok} overlap prune blocks {blocks}")
-    entries: dict[int, Op] = {b: Prune(keep_rate, fuse) for b in blocks}
-    entries.update({b: Retokenize(merge_share=merge_share, locality=locality) for b in retok})
+    entries: dict[int, Op] = {b: Prune(keep_rate, fuse, size_norm) for b in blocks}
+    entries.update({b: Retokenize(merge_share=merge_share, locality=locality, pairs_only=pairs_only,
+                                  size_norm=size_norm) for b in retok})
     name = "imagepiece" if fuse else "imagepiece-discard"
-    return ReductionPlan(_place(depth, entries), prop_attn, name=name)
+    return ReductionPlan(_place(depth, entries), prop_attn, name=name, budget=budget,
+                         fused_bias=fused_bias)
+
+
+def _retokenize_blocks(blocks: tuple[int, ...], rounds: int | None) -> list[int]:
+    """The ``rounds`` blocks just before each prune block.
+
+    A requested ``rounds`` must fit in the free blocks between the previous prune block (or
+    the start) and each prune block, else ``ValueError``. With ``rounds=None`` (default) each
+    prune block gets one round when a free block precedes it: in a model shallower than 8
+    blocks, adjacent prune blocks (e.g. 3 and 4 of 6) leave the later one without one.
+    """
+    if rounds is not None:
+        _check_int("rounds", rounds, 1)
+    out: list[int] = []
+    prev = -1
+    for b in blocks:
+        free = list(range(prev + 1, b))
+        want = 1 if rounds is None else rounds
+        if rounds is not None and len(free) < rounds:
+            raise ValueError(
+                f"rounds={rounds} cannot be placed before prune block {b}: only blocks {free} are "
+                f"free after {'prune block ' + str(prev) if prev >= 0 else 'the start'}; "
+                f"allowed rounds <= {len(free)} here, or pass retokenize_blocks"
+            )
+        out += free[len(free) - min(want, len(free)):]
+        prev = b
+    return out
 
 
 def _imagepiece_tome(depth: int, r: RSchedule = 13, retokenize_blocks: Sequence[int] | None = None,

@@ -69,6 +69,8 @@ class Controller:
         self.trace_sources = False
         self.trace_scores = False
         self.trace: list[BlockTrace] = []
+        self.last_size: torch.Tensor | None = None  # sizes out of the last forward_features
+        self.last_tokens: int | None = None  # tokens out of the last forward pass
         self._cache: dict[int, tuple[Step, ...]] = {}
         self.plan = plan
 
@@ -190,6 +192,13 @@ class _State:
     size: torch.Tensor | None  # (B, N) float32; None = all ones
     pos: torch.Tensor | None  # (B, N, 2) grid centroids, when locality or tracing needs them
     source: torch.Tensor | None  # (B, N, patches), when tracing asks
+    # Sizes as proportional attention sees them, where they differ from ``size``: with
+    # ``fused_bias=False`` EViT's fused token counts as one token there (None = ``size``).
+    bias_size: torch.Tensor | None = None
+
+    @property
+    def attn_size(self) -> torch.Tensor | None:
+        return self.size if self.bias_size is None else self.bias_size
 
 
 def _attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None):
@@ -217,12 +226,32 @@ def _merge_state(index: ops.MergeIndex, x: torch.Tensor, st: _State) -> tuple[to
         pos, _ = ops.merge_weighted(index, st.pos, st.size)
     x, size = ops.merge_weighted(index, x, st.size)
     source = None if st.source is None else ops.apply_merge(index, st.source, "amax")
-    return x, _State(size, pos, source)
+    bias_size = None
+    if st.bias_size is not None:
+        bias_size = ops.apply_merge(index, st.bias_size.unsqueeze(-1)).squeeze(-1)
+    return x, _State(size, pos, source, bias_size)
+
+
+def _prune_bias_size(index: ops.SelectIndex, st: _State, fuse: bool, fused_bias: bool):
+    """Attention sizes after a prune: the fused token enters attention as one token unless
+    ``fused_bias``; kept tokens keep theirs."""
+    if st.bias_size is None and (fused_bias or not fuse):
+        return None
+    base = st.attn_size
+    if base is None:
+        base = torch.ones(index.keep.shape[0], index.keep.shape[1] + index.dropped.shape[1],
+                          device=index.keep.device)
+    kept = ops.apply_select(index, base.unsqueeze(-1)).squeeze(-1)
+    if not fuse:
+        return kept
+    fused = ops.apply_select(index, base.unsqueeze(-1), "sum")[:, -1:, 0]
+    return torch.cat([kept, torch.ones_like(fused) if not fused_bias else fused], dim=1)
 
 
 def _prune_state(
-    index: ops.SelectIndex, x: torch.Tensor, st: _State, fuse: bool
+    index: ops.SelectIndex, x: torch.Tensor, st: _State, fuse: bool, fused_bias: bool = True
 ) -> tuple[torch.Tensor, _State]:
+    bias_size = _prune_bias_size(index, st, fuse, fused_bias)
     x = ops.apply_select(index, x, "weighted" if fuse else None)
     size, pos, source = st.size, st.pos, st.source
     if size is not None or fuse:
@@ -240,7 +269,7 @@ def _prune_state(
         pos = ops.apply_select(index, pos)
     if source is not None:
         source = ops.apply_select(index, source, "amax" if fuse else None)
-    return x, _State(size, pos, source)
+    return x, _State(size, pos, source, bias_size)
 
 
 class _ReducedViT:
@@ -252,7 +281,11 @@ class _ReducedViT:
         return self._imagepiece_features(x, **kwargs)[0]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False, size=None) -> torch.Tensor:
-        if size is None or self.global_pool not in ("avg", "avgmax"):
+        if self.global_pool not in ("avg", "avgmax"):
+            return super().forward_head(x, pre_logits=pre_logits)
+        if size is None:
+            size = _sizes_for(self.imagepiece, x)
+        if size is None:
             return super().forward_head(x, pre_logits=pre_logits)
         tokens = x[:, self.num_prefix_tokens:]
         size = size[:, self.num_prefix_tokens:]
@@ -265,6 +298,20 @@ class _ReducedViT:
     def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
         x, size = self._imagepiece_features(x, **kwargs)
         return self.forward_head(x, size=size)
+
+    def forward_intermediates(self, *args, **kwargs):
+        if not self.imagepiece.plan.is_identity:
+            raise ValueError(
+                f"forward_intermediates is not available under the reducing plan "
+                f"{self.imagepiece.plan.name!r}: token counts change between blocks; use "
+                "model.imagepiece.record(...) and model.imagepiece.trace, or plan='none'"
+            )
+        return super().forward_intermediates(*args, **kwargs)
+
+    def __reduce_ex__(self, protocol):
+        # The patched class is made at run time and cannot be found by name: pickle the
+        # original class and re-apply the patch on load.
+        return _unpickle_patched, (self._imagepiece_original_class,), self.__dict__
 
     def _imagepiece_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False):
         if attn_mask is not None or is_causal:
@@ -303,9 +350,31 @@ class _ReducedViT:
                 rec.block = i
                 trace.append(rec)
         if tracing:
-            ctl.trace = trace
+            # timm's two-step API (forward_head(forward_features(x))) has no place for sizes:
+            # keep them so the head pools exactly as model(x) does.
+            ctl.trace, ctl.last_size, ctl.last_tokens = trace, st.size, x.shape[1]
         x = self.norm(x)
         return x, st.size
+
+
+def _unpickle_patched(base: type) -> nn.Module:
+    obj = base.__new__(base)
+    obj.__class__ = _reduced_class(base)
+    return obj
+
+
+def _sizes_for(ctl: Controller, x: torch.Tensor) -> torch.Tensor | None:
+    """Sizes of the tokens ``x`` for size-weighted pooling: those of the last
+    ``forward_features`` when they fit ``x``; None when every token is one patch."""
+    size = ctl.last_size
+    if size is not None and tuple(size.shape) == tuple(x.shape[:2]):
+        return size
+    if size is None and ctl.last_tokens in (None, x.shape[1]):
+        return None
+    raise ValueError(
+        f"forward_head got {x.shape[1]} tokens whose sizes are unknown; on a token-reduced "
+        "model call forward_head(forward_features(x)) with the same x, or model(x)"
+    )
 
 
 def _check_image_size(model, x: torch.Tensor) -> None:
@@ -335,30 +404,36 @@ def _block_forward(blk, x: torch.Tensor, st: _State, step: Step, ctl: Controller
         x = blk(x)
         return x, st, BlockTrace(0, "none", step.tokens_in, step.tokens_out, st.size, st.source)
 
-    bias = ops.proportional_bias(st.size) if plan.prop_attn and st.size is not None else None
+    attn_size = st.attn_size
+    bias = ops.proportional_bias(attn_size) if plan.prop_attn and attn_size is not None else None
     out, q, k = _attention(blk.attn, blk.norm1(x), bias)
     x = x + blk.drop_path1(blk.ls1(out))
 
     scores = None
     if step.needs_scores or want_scores:
         scores = ops.class_attention(q, k, blk.attn.scale, P, ctl.has_class_token, bias)
+    # The trace holds detached tensors only, so it never keeps an autograd graph alive.
     rec = BlockTrace(0, step.kind, step.tokens_in, step.tokens_out, None,
-                     scores=scores if want_scores else None)
+                     scores=scores.detach() if want_scores else None)
     if want_scores and st.source is not None:
-        rec.patch_scores = torch.einsum("bn,bnp->bp", scores.float(), st.source[:, P:])
+        rec.patch_scores = torch.einsum("bn,bnp->bp", scores.detach(), st.source[:, P:])
+    rank = scores
+    if step.size_norm and st.size is not None:
+        rank = scores / st.size[:, P:]
 
     if step.kind == "merge":
         index = ops.bipartite_matching(k.mean(dim=1), step.r, P)
         x, st = _merge_state(index, x, st)
-        rec.merged_similarity = index.similarity
+        rec.merged_similarity = index.similarity.detach()
     elif step.kind == "retokenize":
         index = ops.retokenize_matching(
-            k.mean(dim=1), scores, P, step.m, step.r, st.pos, step.locality, extent
+            k.mean(dim=1), rank, P, step.m, step.r, st.pos, step.locality, extent, step.pairs_only
         )
         x, st = _merge_state(index, x, st)
-        rec.merged_similarity = index.similarity
+        rec.merged_similarity = index.similarity.detach()
     elif step.kind == "prune":
-        x, st = _prune_state(ops.prune_select(scores, P, step.k), x, st, step.fuse)
+        index = ops.prune_select(rank, P, step.k, weights=scores)
+        x, st = _prune_state(index, x, st, step.fuse, plan.fused_bias)
         rec.fused = step.fuse
 
     x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))

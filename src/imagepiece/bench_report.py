@@ -1,0 +1,307 @@
+"""Output of ``imagepiece bench``: the tables, the busy-machine warning, JSON, CSV and the plot,
+and the check of output paths that runs before any timing. Works on the result objects of
+:mod:`imagepiece.bench` by their attributes (no import of it: arrows point down)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from typing import Any
+
+__all__ = ["NOISY_IQR", "output_problem", "render", "write_csv", "write_json", "write_plot"]
+
+#: An img/s interquartile range wider than this share of the median is flagged as noisy.
+NOISY_IQR = 0.10
+
+_CSV_FIELDS = ["label", "plan", "knobs", "mode", "backend", "device", "dtype", "batch", "threads",
+               "gmacs", "limit_gmacs", "final_tokens", "tokens_per_block", "ips_median", "ips_q1",
+               "ips_q3", "ips_min", "ips_max", "speedup", "speedup_rounds", "speedup_best",
+               "limit_ips_median", "limit_speedup", "efficiency", "efficiency_best",
+               "ms_p50", "ms_p90", "ms_p99", "limit_ms_p50", "reduction_share", "prep_s",
+               "peak_mem_mib", "error"]
+
+
+# --------------------------------------------------------------------------------------
+# Output paths, checked before any timing
+# --------------------------------------------------------------------------------------
+
+
+def plot_formats() -> list[str]:
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return sorted(FigureCanvasBase.get_supported_filetypes())
+
+
+def output_problem(path: str, option: str) -> str | None:
+    """Why ``path`` cannot be written as the output of ``option`` (``--json``, ``--csv``,
+    ``--plot``), or None. Writes nothing; missing folders are fine (they are created)."""
+    if not str(path).strip():
+        return f"{option} is empty; expected a file name"
+    full = os.path.abspath(path)
+    if os.path.isdir(full):
+        return f"{option} {path!r} is a directory; expected a file name inside it"
+    if option == "--plot":
+        ext = os.path.splitext(full)[1].lower().lstrip(".")
+        formats = plot_formats()
+        if ext not in formats:
+            return (f"{option} {path!r} has an unsupported extension {('.' + ext) if ext else '(none)'}; "
+                    f"allowed: {', '.join('.' + f for f in formats)}")
+    folder = os.path.dirname(full)
+    while not os.path.lexists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        return f"{option} {path!r}: {folder!r} is a file, not a folder"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"{option} {path!r}: the folder {folder!r} is not writable"
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------
+
+
+def write_json(result: Any, path: str) -> None:
+    from .checkpoint import atomic_write
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(_finite(result.as_dict()), f, indent=2)
+
+    atomic_write(path, write)
+
+
+def _finite(obj: Any) -> Any:
+    """NaN and infinities become null: the file stays valid JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def write_csv(result: Any, path: str) -> None:
+    from .checkpoint import atomic_write
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=_CSV_FIELDS)
+            w.writeheader()
+            for v in result.variants:
+                d = v.as_dict()
+                d["knobs"] = json.dumps(d["knobs"])
+                d["tokens_per_block"] = " ".join(f"{a}>{b}" for a, b in v.tokens)
+                w.writerow({k: ("" if d.get(k) is None else d.get(k)) for k in _CSV_FIELDS})
+
+    atomic_write(path, write)
+
+
+def write_plot(result: Any, path: str) -> None:
+    """Speed-up against GMACs per image (filled: measured; hollow: limit). Creates missing
+    folders like the JSON and CSV writers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .checkpoint import atomic_write
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for key, vs in _groups(result).items():
+        vs = [v for v in vs if v.speedup is not None]
+        if not vs:
+            continue
+        name = _group_title(key)
+        pts = ax.scatter([v.gmacs for v in vs], [v.speedup for v in vs], label=name)
+        lim = [v for v in vs if v.limit_speedup is not None]
+        if lim:
+            ax.scatter([v.limit_gmacs for v in lim], [v.limit_speedup for v in lim],
+                       facecolors="none", edgecolors=pts.get_facecolor(), label=f"limit ({name})")
+        for v in vs:
+            ax.annotate(v.label, (v.gmacs, v.speedup), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.set_xlabel("GMACs per image (forward)")
+    ax.set_ylabel("speed-up vs unmodified (ratio of medians)")
+    weights = "random weights" if result.random_weights else result.weights
+    ax.set_title(f"{result.config['model']} ({weights})", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fmt = os.path.splitext(path)[1].lower().lstrip(".") or None
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=fmt))
+    finally:
+        plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------
+
+
+def _fmt(v: float | None, spec: str, suffix: str = "") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return format(v, spec) + suffix
+
+
+def _groups(result: Any) -> dict[tuple, list]:
+    groups: dict[tuple, list] = {}
+    for v in result.variants:
+        groups.setdefault(_group_key(v), []).append(v)
+    return groups
+
+
+def _group_key(v: Any) -> tuple:
+    return (v.mode, v.backend, v.device, v.dtype, v.batch, v.threads)
+
+
+def _group_title(key: tuple) -> str:
+    mode, backend, device, dtype, batch, threads = key
+    step = "training steps" if mode == "train" else "inference"
+    return f"{step}, {backend}, {device} {dtype}, batch {batch}, {threads} threads"
+
+
+def _header(result: Any, console: Any) -> None:
+    m, c = result.machine, result.config
+    console.print(f"[bold]imagepiece bench[/bold]  model {c['model']}  machine: {m['cpu']} "
+                  f"({m['cpu_count']} logical CPUs){'  GPU: ' + m['gpu'] if 'gpu' in m else ''}")
+    what = "training steps (forward, loss, backward, AdamW)" if c.get("mode") == "train" else "inference_mode"
+    extra = ""
+    if c.get("mode") == "train" and c.get("grad_checkpointing"):
+        extra = ", gradient checkpointing"
+    console.print(f"torch {m['torch']}  timm {m['timm']}  python {m['python']}  "
+                  f"warm-up {c['warmup']}, {c['runs']} interleaved rounds (shuffled) x "
+                  f"{c.get('calls', 1)} call(s), {what}{extra}, allocator {c.get('allocator', 'default')}")
+    if result.random_weights:
+        console.print("[yellow]weights: random (nothing can be downloaded here); speed and GMACs "
+                      "do not depend on weights, token choices do.[/yellow]")
+    else:
+        console.print(f"weights: {result.weights}")
+
+
+def _prep_title(backend: str) -> str | None:
+    return {"compile": "compile s", "onnxruntime": "export s"}.get(backend)
+
+
+def _throughput_table(title: str, vs: list, backend: str):
+    from rich.table import Table
+
+    cols = ["variant", "GMACs", "tokens out", "img/s", "img/s IQR", "speed-up", "per-round", "best",
+            "limit img/s", "limit x", "efficiency", "eff. best", "peak MiB"]
+    prep = _prep_title(backend)
+    t = Table(title=title)
+    for col in cols + ([prep] if prep else []) + (["failed"] if any(v.error for v in vs) else []):
+        t.add_column(col, justify="left" if col in ("variant", "failed") else "right",
+                     no_wrap=col == "variant")
+    for v in vs:
+        row = [v.label, _gmacs(v.gmacs), str(v.final_tokens), _fmt(v.ips_median, ".1f"),
+               _iqr(v), _fmt(v.speedup, ".2f", "x"), _fmt(v.speedup_rounds, ".2f", "x"),
+               _fmt(v.speedup_best, ".2f", "x"), _fmt(v.limit_ips_median, ".1f"),
+               _fmt(v.limit_speedup, ".2f"), _fmt(v.efficiency, ".3f"),
+               _fmt(v.efficiency_best, ".3f"), _fmt(v.peak_mem_mib, ".0f")]
+        t.add_row(*_extra(row, v, vs, prep))
+    return t
+
+
+def _latency_table(title: str, vs: list, backend: str):
+    from rich.table import Table
+
+    cols = ["variant", "GMACs", "tokens out", "p50 ms", "p90 ms", "p99 ms", "speed-up (p50)",
+            "limit p50 ms", "reduction share", "peak MiB"]
+    prep = _prep_title(backend)
+    t = Table(title=title)
+    for col in cols + ([prep] if prep else []) + (["failed"] if any(v.error for v in vs) else []):
+        t.add_column(col, justify="left" if col in ("variant", "failed") else "right",
+                     no_wrap=col == "variant")
+    for v in vs:
+        row = [v.label, _gmacs(v.gmacs), str(v.final_tokens), _fmt(v.ms_p50, ".2f"),
+               _fmt(v.ms_p90, ".2f"), _fmt(v.ms_p99, ".2f"), _fmt(v.speedup, ".2f", "x"),
+               _fmt(v.limit_ms_p50, ".2f"), _fmt(v.reduction_share, ".0%"),
+               _fmt(v.peak_mem_mib, ".0f")]
+        t.add_row(*_extra(row, v, vs, prep))
+    return t
+
+
+def _gmacs(g: float) -> str:
+    return f"{g:.2f}" if g >= 1 else f"{g:.4f}"
+
+
+def _iqr(v: Any) -> str:
+    return "n/a" if v.ips_q1 is None else f"{v.ips_q1:.1f}-{v.ips_q3:.1f}"
+
+
+def _extra(row: list[str], v: Any, vs: list, prep: str | None) -> list[str]:
+    if prep:
+        row.append(_fmt(v.prep_s, ".1f"))
+    if any(u.error for u in vs):
+        row.append(v.error or "")
+    return row
+
+
+def _busy_warning(result: Any, console: Any) -> None:
+    for b in getattr(result, "busy", []):
+        if not b["busy"]:
+            continue
+        seen = "; ".join(b["reasons"])
+        load = f"; load average {b['loadavg_before']} before, {b['loadavg_after']} after" \
+            if b.get("loadavg_before") else ""
+        console.print(f"[bold red]busy machine ({_group_title(tuple(b['group']))}): {seen}{load}. "
+                      "The timings and their ratios are unreliable: rerun on an idle machine."
+                      "[/bold red]")
+
+
+def render(result: Any, console=None) -> None:
+    """Print the header, one table per group, warnings and the per-block token counts."""
+    from rich.console import Console
+
+    if console is None:
+        console = Console()
+        if not console.is_terminal or console.width < 170:
+            console = Console(width=170)
+    _header(result, console)
+    latency = bool(result.config.get("latency"))
+    for key, vs in _groups(result).items():
+        table = _latency_table if latency else _throughput_table
+        console.print(table(_group_title(key), vs, key[1]))
+    spread = max(((v.ips_q3 - v.ips_q1) / v.ips_median for v in result.variants
+                  if v.ips_median), default=0.0)
+    if spread > NOISY_IQR:
+        console.print(f"[bold red]noisy timings: an img/s IQR reaches {spread:.0%} of its median "
+                      "(other processes were competing for the CPU). Do not trust these ratios; "
+                      "rerun on a quiet machine or with more --runs.[/bold red]")
+    _busy_warning(result, console)
+    _tokens(result, console)
+    _legend(result, console, latency)
+
+
+def _tokens(result: Any, console: Any) -> None:
+    console.print("tokens entering each block (prefix included), then leaving the last:")
+    seen = set()
+    for v in result.variants:
+        if v.label not in seen:
+            seen.add(v.label)
+            console.print(f"  {v.label:<28} " + " ".join(str(a) for a, _ in v.tokens)
+                          + f" -> {v.final_tokens}")
+
+
+def _legend(result: Any, console: Any, latency: bool) -> None:
+    if latency:
+        console.print("p50/p90/p99 = percentiles of per-call milliseconds; speed-up = ratio of the "
+                      "medians to the unmodified model; limit = same blocks on pre-cut sequences; "
+                      "reduction share = 1 - limit p50 / variant p50, the share of a call spent "
+                      "choosing, merging and tracking tokens (noise level: the unmodified model's "
+                      "own row).")
+    else:
+        console.print("speed-up = ratio of median img/s to the unmodified model; per-round = "
+                      "median of per-round ratios; best = ratio of the best (least disturbed) "
+                      "img/s; limit = same blocks on pre-cut sequences; efficiency = speed-up / "
+                      "limit speed-up (medians; eff. best from best img/s).")
+    console.print("GMACs: forward pass per image. Peak memory: CUDA only (n/a on CPU). compile s / "
+                  "export s: preparation and first call, never timed. The baseline of each table "
+                  "runs through the same backend and mode. On a shared CPU only ratios from one "
+                  "run count.")

@@ -1,0 +1,93 @@
+"""One process or many under torchrun: which process this is, on which device.
+
+``train`` and ``evaluate`` both join the torchrun process group through :func:`setup_distributed`;
+keeping it here (and not in ``train``) lets evaluation run without importing the training code.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DEVICES", "DeviceError", "DistInfo", "all_reduce_sum", "broadcast_object", "check_device",
+           "finish", "setup_distributed"]
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class DeviceError(ValueError):
+    """A device that is not allowed or not present."""
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in the run: rank, number of processes, local GPU index, device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def check_device(device: Any, option: str = "device") -> str:
+    """``device`` when it is one of :data:`DEVICES` and present; a one-line error otherwise.
+
+    Checked before any work, so a typo (``tpu``) is not silently run on the CPU.
+    """
+    if device not in DEVICES:
+        raise DeviceError(f"{option}={device!r}; allowed: {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"{option}='cuda' but no CUDA device is available; use cpu or auto")
+    return device
+
+
+def setup_distributed(device: str = "auto") -> DistInfo:
+    """Join the torchrun process group when there is one (nccl on GPU, gloo on CPU)."""
+    check_device(device)
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local)
+    dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return DistInfo(rank, world, local, dev)
+
+
+def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
+    """``values`` summed over all processes (unchanged on one process)."""
+    if not info.distributed:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=info.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def broadcast_object(obj: Any, info: DistInfo) -> Any:
+    """The main process's ``obj`` on every process (so all agree on e.g. a run folder or an error)."""
+    if not info.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def finish(info: DistInfo) -> None:
+    """Wait for every process, then leave the process group."""
+    if info.distributed and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,312 @@
+"""The one place that knows Hugging Face ``transformers`` vision transformers.
+
+Supported: ViT, DeiT (with its distillation token and teacher head), DINOv2 (LayerScale),
+DINOv2 with registers and CLIP's vision tower, as laid out since ``transformers`` 5.18. Patching
+swaps the class of the *tower* (the module holding embeddings, layers and final norm) for one
+whose forward runs the layers through :func:`imagepiece.runtime.run_blocks`; heads that average
+patch tokens (DINOv2 classifiers) weight them by size. Weights and parameter names are untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..plan import ReductionPlan, make_plan
+from ..runtime import Controller, pool_patches, run_blocks, swap_class
+
+MIN_VERSION = "5.18"
+INSTALL_HINT = (f'transformers models need the "hf" extra: pip install "imagepiece[hf]" '
+                f"(transformers>={MIN_VERSION})")
+
+try:
+    import transformers
+    from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+    from transformers.utils.generic import can_return_tuple
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError(INSTALL_HINT) from e
+
+__all__ = ["ReducedOutput", "SUPPORTED", "describe", "load_pretrained", "patch"]
+
+SUPPORTED = (
+    f"transformers (>= {MIN_VERSION}) ViTModel, ViTForImageClassification, DeiTModel, "
+    "DeiTForImageClassification, DeiTForImageClassificationWithTeacher, Dinov2Model, "
+    "Dinov2ForImageClassification, Dinov2WithRegistersModel, "
+    "Dinov2WithRegistersForImageClassification, CLIPVisionModel, CLIPVisionModelWithProjection"
+)
+
+
+@dataclass
+class ReducedOutput(BaseModelOutputWithPooling):
+    """The tower's usual output plus ``token_sizes`` ``(B, N)`` (``None`` while all are 1)."""
+
+    token_sizes: torch.Tensor | None = None
+
+
+# --------------------------------------------------------------------------------------
+# How a layer computes attention and is laid out
+# --------------------------------------------------------------------------------------
+
+
+def _attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None):
+    """A transformers q/k/v/o attention with the fused kernel, returning q and k too."""
+    B, N, _ = x.shape
+    q = attn.q_proj(x).view(B, N, -1, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(B, N, -1, attn.head_dim).transpose(1, 2)
+    v = attn.v_proj(x).view(B, N, -1, attn.head_dim).transpose(1, 2)
+    p = getattr(attn, "attention_dropout", getattr(attn, "dropout", 0.0))
+    out = F.scaled_dot_product_attention(
+        q, k, v,
+        attn_mask=None if bias is None else bias.to(q.dtype),
+        dropout_p=p if attn.training else 0.0,
+        scale=_scale(attn),
+    )
+    out = out.transpose(1, 2).reshape(B, N, -1)
+    proj = attn.o_proj if hasattr(attn, "o_proj") else attn.out_proj
+    return proj(out), q, k
+
+
+def _scale(attn: nn.Module) -> float:
+    return attn.scaling if hasattr(attn, "scaling") else attn.scale
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Attribute names of one layer class: pre-norms, attention, and what follows each branch
+    (dropout, LayerScale, drop path) before it is added to the residual stream."""
+
+    norm1: str
+    attn: str
+    after_attn: tuple[str, ...]
+    norm2: str
+    after_mlp: tuple[str, ...]
+
+    def attend(self, blk: nn.Module, x: torch.Tensor, bias: torch.Tensor | None):
+        out, q, k = _attention(getattr(blk, self.attn), getattr(blk, self.norm1)(x), bias)
+        for name in self.after_attn:
+            out = getattr(blk, name)(out)
+        return x + out, q, k
+
+    def mlp(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        h = blk.mlp(getattr(blk, self.norm2)(x))
+        for name in self.after_mlp:
+            h = getattr(blk, name)(h)
+        return x + h
+
+    def whole(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return blk(x, None)
+
+    def scale(self, blk: nn.Module) -> float:
+        return _scale(getattr(blk, self.attn))
+
+
+_VIT_LAYOUT = _Layout("layernorm_before", "attention", ("dropout",), "layernorm_after", ("dropout",))
+_DINO_LAYOUT = _Layout("norm1", "attention", ("layer_scale1", "drop_path"), "norm2",
+                       ("layer_scale2", "drop_path"))
+_CLIP_LAYOUT = _Layout("layer_norm1", "self_attn", (), "layer_norm2", ())
+
+
+# --------------------------------------------------------------------------------------
+# Towers: embeddings -> layers -> final norm, per family
+# --------------------------------------------------------------------------------------
+
+
+def _grid(config: Any, images: torch.Tensor) -> tuple[int, int]:
+    p = config.patch_size
+    ph, pw = (p, p) if isinstance(p, int) else tuple(p)
+    return images.shape[-2] // ph, images.shape[-1] // pw
+
+
+def _reject(bool_masked_pos, attention_mask, kwargs: dict) -> None:
+    if bool_masked_pos is not None or attention_mask is not None:
+        raise ValueError("masks (bool_masked_pos, attention_mask) are not supported on a token-reduced "
+                         "model")
+    asked = [k for k in ("output_attentions", "output_hidden_states") if kwargs.get(k)]
+    if asked:
+        raise ValueError(f"{', '.join(asked)} is not supported on a token-reduced model (token counts "
+                         "change between layers); read model.imagepiece.trace instead")
+
+
+class _ReducedTower:
+    """Shared by the tower mixins: run the layers under the controller's plan."""
+
+    imagepiece: Controller
+    _layout: _Layout
+
+    def _layers(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def _run(self, x: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        layers = self._layers()
+        checkpointing = (self.training and torch.is_grad_enabled()
+                         and any(getattr(layer, "gradient_checkpointing", False) for layer in layers))
+        return run_blocks(self._layout, layers, x, _grid(self.config, images), self.imagepiece,
+                          checkpointing)
+
+
+class _ReducedViTModel(_ReducedTower):
+    """ViTModel / DeiTModel: ``layers``, final ``layernorm``, optional ``pooler``."""
+
+    _layout = _VIT_LAYOUT
+
+    def _layers(self) -> nn.ModuleList:
+        return self.layers
+
+    @can_return_tuple
+    def forward(self, pixel_values: torch.Tensor, bool_masked_pos=None, interpolate_pos_encoding=None,
+                attention_mask=None, **kwargs) -> ReducedOutput:
+        _reject(bool_masked_pos, attention_mask, kwargs)
+        pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
+        x = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        x, size = self._run(x, pixel_values)
+        x = self.layernorm(x)
+        pooled = self.pooler(x) if self.pooler is not None else None
+        return ReducedOutput(last_hidden_state=x, pooler_output=pooled, token_sizes=size)
+
+
+class _ReducedDinov2Model(_ReducedTower):
+    """Dinov2Model / Dinov2WithRegistersModel: ``encoder.layer``, ``layernorm``, class-token pool."""
+
+    _layout = _DINO_LAYOUT
+
+    def _layers(self) -> nn.ModuleList:
+        return self.encoder.layer
+
+    @can_return_tuple
+    def forward(self, pixel_values: torch.Tensor, bool_masked_pos=None, attention_mask=None,
+                **kwargs) -> ReducedOutput:
+        _reject(bool_masked_pos, attention_mask, kwargs)
+        x = self.embeddings(pixel_values)
+        x, size = self._run(x, pixel_values)
+        x = self.layernorm(x)
+        return ReducedOutput(last_hidden_state=x, pooler_output=x[:, 0], token_sizes=size)
+
+
+class _ReducedCLIPVision(_ReducedTower):
+    """CLIPVisionModel: ``pre_layrnorm``, ``encoder.layers``, ``post_layernorm`` on the class token."""
+
+    _layout = _CLIP_LAYOUT
+
+    def _layers(self) -> nn.ModuleList:
+        return self.encoder.layers
+
+    @can_return_tuple
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | None = False,
+                attention_mask=None, **kwargs) -> ReducedOutput:
+        _reject(None, attention_mask, kwargs)
+        x = self.pre_layrnorm(self.embeddings(pixel_values, interpolate_pos_encoding=bool(
+            interpolate_pos_encoding)))
+        x, size = self._run(x, pixel_values)
+        return ReducedOutput(last_hidden_state=x, pooler_output=self.post_layernorm(x[:, 0]),
+                             token_sizes=size)
+
+
+class _ReducedDinov2Classifier:
+    """DINOv2 classifiers: [class token | size-weighted mean of the patch tokens] -> linear."""
+
+    imagepiece: Controller
+
+    def forward(self, pixel_values: torch.Tensor, labels=None, attention_mask=None,
+                **kwargs) -> ImageClassifierOutput:
+        tower = getattr(self, self.base_model_prefix)
+        out = tower(pixel_values, attention_mask=attention_mask, return_dict=True, **kwargs)
+        seq = out.last_hidden_state
+        pooled = pool_patches(seq, out.token_sizes, self.imagepiece.num_prefix)
+        logits = self.classifier(torch.cat([seq[:, 0], pooled], dim=1))
+        loss = self.loss_function(labels, logits, self.config) if labels is not None else None
+        return ImageClassifierOutput(loss=loss, logits=logits)
+
+
+class _Tower(NamedTuple):
+    attr: str  # where the tower sits in the model ("" = the model itself)
+    mixin: type  # the reduced forward of the tower's class
+    head: type | None  # a reduced head forward, where the head pools patch tokens
+
+
+_TOWERS: dict[str, _Tower] = {
+    "ViTModel": _Tower("", _ReducedViTModel, None),
+    "ViTForImageClassification": _Tower("vit", _ReducedViTModel, None),
+    "DeiTModel": _Tower("", _ReducedViTModel, None),
+    "DeiTForImageClassification": _Tower("deit", _ReducedViTModel, None),
+    "DeiTForImageClassificationWithTeacher": _Tower("deit", _ReducedViTModel, None),
+    "Dinov2Model": _Tower("", _ReducedDinov2Model, None),
+    "Dinov2ForImageClassification": _Tower("dinov2", _ReducedDinov2Model, _ReducedDinov2Classifier),
+    "Dinov2WithRegistersModel": _Tower("", _ReducedDinov2Model, None),
+    "Dinov2WithRegistersForImageClassification": _Tower("dinov2_with_registers", _ReducedDinov2Model,
+                                                        _ReducedDinov2Classifier),
+    "CLIPVisionModel": _Tower("", _ReducedCLIPVision, None),
+    "CLIPVisionModelWithProjection": _Tower("vision_model", _ReducedCLIPVision, None),
+}
+
+_TOWER_CLASSES = {"ViTModel", "DeiTModel", "Dinov2Model", "Dinov2WithRegistersModel", "CLIPVisionModel"}
+
+
+def _tower(model: nn.Module) -> tuple[nn.Module, _Tower]:
+    """The tower of a supported model, checked layer by layer; ``TypeError`` otherwise."""
+    name = type(model).__name__
+    spec = _TOWERS.get(name)
+    if spec is None or not type(model).__module__.startswith("transformers."):
+        raise TypeError(f"{name} is not supported; supported: {SUPPORTED}")
+    tower = getattr(model, spec.attr) if spec.attr else model
+    if type(tower).__name__ not in _TOWER_CLASSES:
+        raise TypeError(f"{name}.{spec.attr} is {type(tower).__name__}; supported: {SUPPORTED}")
+    layers = tower._layers() if isinstance(tower, _ReducedTower) else spec.mixin._layers(tower)
+    for i, layer in enumerate(layers):
+        attn = getattr(layer, spec.mixin._layout.attn, None)
+        if not all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "head_dim")):
+            raise TypeError(f"layer {i} of {name} has no q_proj/k_proj/v_proj attention (transformers "
+                            f"older than {MIN_VERSION}?); supported: {SUPPORTED}")
+    return tower, spec
+
+
+def _num_prefix(tower: nn.Module) -> int:
+    emb = tower.embeddings
+    return (1 + int(getattr(emb, "distillation_token", None) is not None)
+            + int(getattr(getattr(emb, "register_tokens", None), "shape", (0, 0))[1]))
+
+
+def patch(model: nn.Module, plan: str | ReductionPlan | None = "imagepiece", **knobs: Any) -> nn.Module:
+    """Apply a reduction plan to an unpatched transformers model in place and return it."""
+    tower, spec = _tower(model)
+    depth = len(spec.mixin._layers(tower))
+    ctl = Controller(make_plan(plan, depth, **knobs), depth=depth, num_prefix=_num_prefix(tower),
+                     has_class_token=True, family="transformers")
+    swap_class(tower, spec.mixin)
+    tower.imagepiece = ctl
+    if spec.head is not None:
+        swap_class(model, spec.head)
+    model.imagepiece = ctl
+    return model
+
+
+class ModelInfo(NamedTuple):
+    depth: int
+    image_size: tuple[int, int]
+    in_chans: int
+    num_tokens: int  # prefix + patch tokens at ``image_size``
+
+
+def describe(model: nn.Module) -> ModelInfo:
+    """Depth, native input size and token count of a supported model (for the tools)."""
+    tower, spec = _tower(model)
+    cfg = tower.config
+    size = cfg.image_size
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    gh, gw = _grid(cfg, torch.empty(0, 0, *hw))
+    return ModelInfo(len(spec.mixin._layers(tower)), hw, cfg.num_channels, _num_prefix(tower) + gh * gw)
+
+
+def load_pretrained(path: str) -> nn.Module:
+    """A supported model from a ``save_pretrained`` folder or a hub id already in the local cache
+    (offline): the class named in its config's ``architectures``, in eval mode."""
+    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    names = [n for n in (getattr(config, "architectures", None) or []) if n in _TOWERS]
+    if not names:
+        raise TypeError(f"{path}: architectures {getattr(config, 'architectures', None)} are not "
+                        f"supported; supported: {SUPPORTED}")
+    cls = getattr(transformers, names[0])
+    return cls.from_pretrained(path, local_files_only=True).eval()

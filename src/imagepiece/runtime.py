@@ -1,0 +1,382 @@
+"""The family-agnostic runtime: what every patched model runs, whatever its family.
+
+A family adapter (``patch/timm.py``, ``patch/hf.py``) says only how its blocks compute attention
+and are laid out (a :class:`Layout`), how images become tokens and how tokens become outputs.
+Everything a method does lives here, once: the per-token state (size, centroid, source), the
+step that applies a block's planned operation between attention and MLP (:func:`run_blocks`),
+the controller (``model.imagepiece``), the trace, size-weighted pooling, the class swap behind
+``patch``/``unpatch``, and method specs (``"evit:keep_rate=0.5"``).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from . import ops
+from .plan import PRESETS, ReductionPlan, Step, make_plan
+
+__all__ = [
+    "BlockTrace",
+    "Controller",
+    "Layout",
+    "MethodError",
+    "format_method",
+    "is_patched",
+    "parse_method",
+    "pool_patches",
+    "restore_classes",
+    "run_blocks",
+    "swap_class",
+]
+
+
+# --------------------------------------------------------------------------------------
+# Trace and controller
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class BlockTrace:
+    """What one block did during the last forward pass (``tokens`` include prefix tokens).
+
+    ``size`` is ``None`` while every token still stands for one patch. ``source`` (0/1,
+    ``(B, N_out, patches)``), ``scores`` (class attention of the patch tokens entering the
+    operation, ``(B, N_in - prefix)``) and ``patch_scores`` (those scores spread onto the
+    patches, ``(B, patches)``) are filled only when tracing asks for them.
+    """
+
+    block: int
+    kind: str
+    tokens_in: int
+    tokens_out: int
+    size: torch.Tensor | None
+    source: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+    patch_scores: torch.Tensor | None = None
+    merged_similarity: torch.Tensor | None = None
+    fused: bool = False  # the last output token is EViT's fused token
+
+
+class Controller:
+    """``model.imagepiece``: the plan of a patched model, its resolved steps and the trace.
+
+    Not an ``nn.Module``, so the model's state dict is unchanged by patching. ``limit=True``
+    runs the blocks on sequences simply cut to the plan's token counts, with no scoring or
+    selection: the fastest any implementation of the plan can be (``imagepiece bench``).
+    """
+
+    def __init__(self, plan: ReductionPlan, depth: int, num_prefix: int, has_class_token: bool,
+                 family: str = "timm"):
+        self.depth = depth
+        self.num_prefix = num_prefix
+        self.has_class_token = has_class_token
+        self.family = family
+        self.trace_sources = False
+        self.trace_scores = False
+        self.limit = False
+        self.trace: list[BlockTrace] = []
+        self._cache: dict[int, tuple[Step, ...]] = {}
+        self.plan = plan
+
+    @property
+    def plan(self) -> ReductionPlan:
+        return self._plan
+
+    @plan.setter
+    def plan(self, plan: ReductionPlan | str) -> None:
+        plan = make_plan(plan, self.depth)
+        self._cache = {}
+        self._plan = plan
+        # Resolve once for a typical size so bad plans fail now, not at the first forward.
+        self.steps(self.num_prefix + 4 * 4)
+
+    def steps(self, num_tokens: int) -> tuple[Step, ...]:
+        """Resolved per-block steps for an input of ``num_tokens`` tokens (cached)."""
+        steps = self._cache.get(num_tokens)
+        if steps is None:
+            steps = self._plan.resolve(self.depth, num_tokens, self.num_prefix)
+            self._cache[num_tokens] = steps
+        return steps
+
+    def token_counts(self, num_tokens: int) -> list[tuple[int, int]]:
+        """(tokens entering, tokens leaving) each block, prefix tokens included."""
+        return [(s.tokens_in, s.tokens_out) for s in self.steps(num_tokens)]
+
+    def record(self, sources: bool = False, scores: bool = False) -> Controller:
+        """Choose what the trace keeps beyond token counts and sizes (costs memory/time)."""
+        self.trace_sources = sources
+        self.trace_scores = scores
+        return self
+
+    def __repr__(self) -> str:
+        return (f"Controller(plan={self._plan.name!r}, depth={self.depth}, prefix={self.num_prefix}, "
+                f"family={self.family!r})")
+
+
+def is_patched(model: nn.Module) -> bool:
+    return isinstance(getattr(model, "imagepiece", None), Controller)
+
+
+# --------------------------------------------------------------------------------------
+# Class swap: patching changes classes, never weights or parameter names
+# --------------------------------------------------------------------------------------
+
+_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def swap_class(module: nn.Module, mixin: type) -> None:
+    """Make ``module`` an instance of ``Reduced<Class>(mixin, Class)``, remembering the original."""
+    base = type(module)
+    cls = _CLASSES.get((mixin, base))
+    if cls is None:
+        cls = type(f"Reduced{base.__name__}", (mixin, base), {})
+        _CLASSES[(mixin, base)] = cls
+    module.__class__ = cls
+    module._imagepiece_original_class = base
+
+
+def restore_classes(model: nn.Module) -> None:
+    """Undo every :func:`swap_class` under ``model`` and drop the controllers."""
+    for m in model.modules():
+        original = m.__dict__.pop("_imagepiece_original_class", None)
+        if original is not None:
+            m.__class__ = original
+        m.__dict__.pop("imagepiece", None)
+
+
+# --------------------------------------------------------------------------------------
+# What a family adapter provides
+# --------------------------------------------------------------------------------------
+
+
+class Layout(Protocol):
+    """How one family's transformer block is laid out; everything else is shared.
+
+    ``attend`` returns the residual stream after the attention branch (``x + branch(attn(norm(x)))``)
+    with the heads' queries and keys ``(B, H, N, d)``, computed with the fused kernel and the
+    additive ``bias`` (proportional attention, ``(B, 1, 1, N)``, or ``None``). ``mlp`` returns
+    ``x + branch(mlp(norm(x)))``. ``whole`` is the family's own block forward, used bit-for-bit
+    wherever a block reduces nothing. ``scale`` is the attention logit scale.
+    """
+
+    def attend(self, blk: nn.Module, x: torch.Tensor, bias: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+    def mlp(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor: ...
+
+    def whole(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor: ...
+
+    def scale(self, blk: nn.Module) -> float: ...
+
+
+# --------------------------------------------------------------------------------------
+# The per-token state and the block step
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _State:
+    """Per-token tensors that travel with the tokens through one forward pass."""
+
+    size: torch.Tensor | None  # (B, N) float32; None = all ones
+    pos: torch.Tensor | None  # (B, N, 2) grid centroids, when locality or tracing needs them
+    source: torch.Tensor | None  # (B, N, patches), when tracing asks
+
+
+def _merge_state(index: ops.MergeIndex, x: torch.Tensor, st: _State) -> tuple[torch.Tensor, _State]:
+    pos = None
+    if st.pos is not None:
+        pos, _ = ops.merge_weighted(index, st.pos, st.size)
+    x, size = ops.merge_weighted(index, x, st.size)
+    source = None if st.source is None else ops.apply_merge(index, st.source, "amax")
+    return x, _State(size, pos, source)
+
+
+def _prune_state(
+    index: ops.SelectIndex, x: torch.Tensor, st: _State, fuse: bool
+) -> tuple[torch.Tensor, _State]:
+    x = ops.apply_select(index, x, "weighted" if fuse else None)
+    size, pos, source = st.size, st.pos, st.source
+    if size is not None or fuse:
+        if size is None:
+            size = x.new_ones((x.shape[0], index.keep.shape[1] + index.dropped.shape[1]),
+                              dtype=torch.float32)
+        w = size.unsqueeze(-1)
+        if pos is not None:
+            pos = ops.apply_select(index, pos * w, "sum" if fuse else None)
+        size = ops.apply_select(index, w, "sum" if fuse else None)
+        if pos is not None:
+            pos = pos / size
+        size = size.squeeze(-1)
+    elif pos is not None:
+        pos = ops.apply_select(index, pos)
+    if source is not None:
+        source = ops.apply_select(index, source, "amax" if fuse else None)
+    return x, _State(size, pos, source)
+
+
+def _block_step(layout: Layout, blk: nn.Module, x: torch.Tensor, st: _State, step: Step,
+                ctl: Controller, extent: float, want_scores: bool):
+    """One block: attention → residual → the planned operation → MLP."""
+    P = ctl.num_prefix
+    plan = ctl.plan
+    fast = step.kind == "none" and not want_scores and (st.size is None or not plan.prop_attn)
+    if fast:
+        # Unreduced block with unit sizes: the family's own forward, bit-for-bit.
+        x = layout.whole(blk, x)
+        return x, st, BlockTrace(0, "none", step.tokens_in, step.tokens_out, st.size, st.source)
+
+    bias = ops.proportional_bias(st.size) if plan.prop_attn and st.size is not None else None
+    x, q, k = layout.attend(blk, x, bias)
+
+    scores = None
+    if step.needs_scores or want_scores:
+        scores = ops.class_attention(q, k, layout.scale(blk), P, ctl.has_class_token, bias)
+    rec = BlockTrace(0, step.kind, step.tokens_in, step.tokens_out, None,
+                     scores=scores if want_scores else None)
+    if want_scores and st.source is not None:
+        rec.patch_scores = torch.einsum("bn,bnp->bp", scores.float(), st.source[:, P:])
+
+    if step.kind == "merge":
+        index = ops.bipartite_matching(k.mean(dim=1), step.r, P)
+        x, st = _merge_state(index, x, st)
+        rec.merged_similarity = index.similarity
+    elif step.kind == "retokenize":
+        index = ops.retokenize_matching(
+            k.mean(dim=1), scores, P, step.m, step.r, st.pos, step.locality, extent
+        )
+        x, st = _merge_state(index, x, st)
+        rec.merged_similarity = index.similarity
+    elif step.kind == "prune":
+        x, st = _prune_state(ops.prune_select(scores, P, step.k), x, st, step.fuse)
+        rec.fused = step.fuse
+
+    x = layout.mlp(blk, x)
+    rec.size, rec.source = st.size, st.source
+    return x, st, rec
+
+
+def _cut_blocks(layout: Layout, blocks: Sequence[nn.Module], x: torch.Tensor,
+                steps: Sequence[Step]) -> torch.Tensor:
+    """The limit: each block on a sequence already cut to the plan's counts, no selection."""
+    for blk, step in zip(blocks, steps, strict=True):
+        x = x[:, :step.tokens_in]
+        x, _, _ = layout.attend(blk, x, None)
+        x = layout.mlp(blk, x[:, :step.tokens_out])
+    return x
+
+
+def run_blocks(layout: Layout, blocks: Sequence[nn.Module], x: torch.Tensor, grid: tuple[int, int],
+               ctl: Controller, checkpointing: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run ``blocks`` on tokens ``(B, prefix + grid patches, C)`` under ``ctl``'s plan.
+
+    Returns the tokens and their sizes (``None`` while all are 1) and, outside compilation,
+    leaves the trace in ``ctl.trace``.
+    """
+    steps = ctl.steps(x.shape[1])
+    if ctl.limit:
+        return _cut_blocks(layout, blocks, x, steps), None
+    P = ctl.num_prefix
+    tracing = not torch.compiler.is_compiling()
+    want_sources = tracing and ctl.trace_sources
+    want_scores = tracing and ctl.trace_scores
+    need_pos = want_sources or any(s.kind == "retokenize" and s.locality for s in steps)
+    B = x.shape[0]
+    st = _State(
+        size=None,
+        pos=ops.initial_positions(B, P, grid, x.device, torch.float32) if need_pos else None,
+        source=(ops.initial_sources(B, P, grid[0] * grid[1], x.device, torch.float32)
+                if want_sources else None),
+    )
+    trace: list[BlockTrace] = []
+    extent = float(max(grid))
+    for i, (blk, step) in enumerate(zip(blocks, steps, strict=True)):
+        if checkpointing:
+            x, st, rec = checkpoint(_block_step, layout, blk, x, st, step, ctl, extent, want_scores,
+                                    use_reentrant=False)
+        else:
+            x, st, rec = _block_step(layout, blk, x, st, step, ctl, extent, want_scores)
+        if tracing:
+            rec.block = i
+            trace.append(rec)
+    if tracing:
+        ctl.trace = trace
+    return x, st.size
+
+
+def pool_patches(x: torch.Tensor, size: torch.Tensor | None, num_prefix: int) -> torch.Tensor:
+    """Average of the patch tokens of ``(B, N, C)``, each weighted by how many patches it stands
+    for, so pooling a reduced sequence equals pooling the original patches' groups."""
+    tokens = x[:, num_prefix:]
+    if size is None:
+        return tokens.mean(dim=1)
+    return ops.size_weighted_mean(tokens, size[:, num_prefix:])
+
+
+# --------------------------------------------------------------------------------------
+# Method specs: "name" or "name:knob=value,knob=value"; list values separated by ";"
+# --------------------------------------------------------------------------------------
+
+
+class MethodError(ValueError):
+    """A method spec that cannot be read (unknown preset, malformed knob)."""
+
+
+def _parse_value(text: str) -> Any:
+    text = text.strip()
+    if ";" in text:
+        return tuple(_parse_value(p) for p in text.split(";") if p.strip())
+    low = text.lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    if low == "none":
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"evit:keep_rate=0.5"`` -> ``("evit", {"keep_rate": 0.5})``.
+
+    Syntax: a preset name, optionally ``:`` and comma-separated ``knob=value`` pairs; a list
+    value separates its items with ``;`` (``imagepiece:keep_rate=0.5,blocks=1;4;7``, ToMe's
+    ``(r, inflection)`` schedule as ``tome:r=16;-0.5``). Only the syntax is checked here.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise MethodError(f"empty method spec {spec!r}; expected e.g. 'evit' or 'evit:keep_rate=0.5'")
+    name, _, rest = spec.strip().partition(":")
+    name = name.strip()
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, PRESETS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise MethodError(f"unknown method {name!r} in {spec!r}{hint}; allowed: {', '.join(PRESETS)}")
+    knobs: dict[str, Any] = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip() or not value.strip():
+            raise MethodError(f"bad knob {item!r} in method {spec!r}; expected knob=value, "
+                              "e.g. 'evit:keep_rate=0.5' or 'imagepiece:blocks=1;4;7'")
+        knobs[key.strip()] = _parse_value(value)
+    return name, knobs
+
+
+def format_method(name: str, knobs: dict[str, Any]) -> str:
+    """The spec :func:`parse_method` reads back: ``("evit", {"keep_rate": 0.5})`` ->
+    ``"evit:keep_rate=0.5"``."""
+
+    def fmt(v):
+        return ";".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
+    return name + (":" + ",".join(f"{k}={fmt(v)}" for k, v in knobs.items()) if knobs else "")
