@@ -168,3 +168,33 @@ def test_checkpoint_is_loaded_safely(tmp_path):
         assert torch.equal(v, w), k
     with pytest.raises(A.AnalysisError, match="checkpoint"):
         A.load_model("vit_tiny_patch16_224", TINY, str(tmp_path / "missing.pth"))
+
+
+def test_sweep_json_is_strict_json(tmp_path):
+    """The unmodified model's row has no knob value (NaN in memory): null in the file, never NaN."""
+    result = A.keep_rate_sweep(tiny(), A.SyntheticImages(8, 4, 32), methods=["evit"], keep_rates=[0.5],
+                               batch_size=8, repeats=1)
+    A.save_result(result, str(tmp_path))
+    text = (tmp_path / "sweep.json").read_text()
+    data = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in sweep.json"))
+    assert data["rows"][0]["value"] is None
+    with open(A.write_report(str(tmp_path))) as f:
+        assert "| - |" in f.read()  # shown as '-'
+
+
+def test_attentiveness_refuses_keep_rate_zero():
+    """0 used to be read as "the plan's keep rate" while the JSON recorded 0.0."""
+    with pytest.raises(A.AnalysisError, match="keep_rate=0"):
+        A.attentiveness_change(tiny(), A.SyntheticImages(8, 4, 32), ["evit"], keep_rate=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_analyses_run_on_a_gpu_model():
+    model, ds = tiny().cuda(), A.SyntheticImages(16, 4, 32)
+    cpu = A.masking_robustness(tiny(), ds, ["evit"], counts=[0, 3])
+    gpu = A.masking_robustness(model, ds, ["evit"], counts=[0, 3])
+    assert [r["top1"] for r in gpu.rows] == pytest.approx([r["top1"] for r in cpu.rows], abs=0.07)
+    A.attentiveness_change(model, ds, ["imagepiece"])
+    A.merged_similarity(model, ds, ["tome"])
+    A.important_merged(model, ds, ["tome"])
+    A.keep_rate_sweep(model, ds, methods=["evit"], keep_rates=[0.5], repeats=1)

@@ -19,7 +19,8 @@ TINY_ARGS = ["--model", TINY] + [a for k, v in TINY_KW.items() for a in ("--mode
 
 def tiny_config(**overrides) -> BenchConfig:
     kw = dict(model=TINY, model_kwargs=dict(TINY_KW), warmup=1, runs=2, batch_sizes=(2,),
-              threads=(1,), methods=("none", "tome", "evit", "imagepiece", "imagepiece:keep_rate=0.5"))
+              threads=(1,), methods=("none", "tome", "evit", "imagepiece", "imagepiece:keep_rate=0.5"),
+              busy_check=False)
     kw.update(overrides)
     return BenchConfig(**kw)
 

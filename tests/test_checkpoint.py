@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from imagepiece.checkpoint import (
     CheckpointError,
+    find_checkpoint,
     load_checkpoint,
     load_state_dict,
     load_weights,
@@ -104,11 +105,61 @@ def test_finetune_adapts_head_and_position_embedding(tmp_path):
     src = tiny(num_classes=1000, img_size=32)
     save_weights(tmp_path / "w.safetensors", src.state_dict())
     dst = tiny(num_classes=10, img_size=64, seed=1)
+    # another number of classes is refused unless asked for (new_head), with the opt-in named
+    with pytest.raises(CheckpointError, match="(?s)head.weight.*finetune_new_head=true"):
+        load_weights(dst, str(tmp_path / "w.safetensors"))
     with pytest.warns(UserWarning, match="head.weight"):
-        report = load_weights(dst, str(tmp_path / "w.safetensors"))
+        report = load_weights(dst, str(tmp_path / "w.safetensors"), new_head=True)
     assert sorted(report["missing"]) == ["head.bias", "head.weight"]
     assert torch.equal(dst.blocks[0].mlp.fc1.weight, src.blocks[0].mlp.fc1.weight)
     assert dst.pos_embed.shape == (1, 257, 32)
+
+
+@pytest.mark.parametrize("other", ["depth1", "depth3", "head_only", "wider"])
+def test_other_architecture_is_refused_in_a_few_lines(tmp_path, other):
+    model = tiny()  # depth 2, width 32
+    if other == "head_only":
+        sd = {k: v for k, v in model.state_dict().items() if k.startswith("head.")}
+    else:
+        torch.manual_seed(0)
+        kw = {"depth1": dict(depth=1), "depth3": dict(depth=3), "wider": dict(embed_dim=64)}[other]
+        sd = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, num_heads=2, num_classes=10,
+                               **{"embed_dim": 32, "depth": 2, **kw}).state_dict()
+    save_weights(tmp_path / "w.safetensors", sd)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match="does not fit") as err:
+        load_weights(model, str(tmp_path / "w.safetensors"), adapt=False)
+    assert len(str(err.value).splitlines()) <= 5
+    expected = {"depth1": "missing: blocks.1.*", "depth3": "unexpected: blocks.2.*", "head_only": "missing",
+                "wider": "of another shape"}[other]
+    assert expected in str(err.value)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing loaded
+
+
+def test_save_keeps_the_only_complete_copy_and_clears_temporaries(tmp_path, monkeypatch):
+    a, b = tiny(seed=0), tiny(seed=1)
+    save_checkpoint(tmp_path / "last", a, meta={"epoch": 1})
+    os.replace(tmp_path / "last", tmp_path / "last.old")  # killed between the two renames
+    (tmp_path / ".last.tmp-killed").mkdir()  # and a temporary folder of a killed save
+    assert find_checkpoint(tmp_path / "last") == str(tmp_path / "last.old")
+
+    class Killed(BaseException):
+        pass
+
+    def die(pid, sig):
+        raise Killed
+
+    # killed again between the renames of the next save: the .old copy, the only complete
+    # checkpoint, must still be there (it used to be deleted first)
+    monkeypatch.setenv("IMAGEPIECE_KILL_AT", "save:last:renames")
+    monkeypatch.setattr(os, "kill", die)
+    with pytest.raises(Killed):
+        save_checkpoint(tmp_path / "last", b, meta={"epoch": 2})
+    assert load_checkpoint(tmp_path / "last").meta["epoch"] == 1
+    monkeypatch.delenv("IMAGEPIECE_KILL_AT")
+    save_checkpoint(tmp_path / "last", b, meta={"epoch": 2})
+    assert load_checkpoint(tmp_path / "last").meta["epoch"] == 2
+    assert sorted(os.listdir(tmp_path)) == ["last"]  # no .old, no temporary folder left
 
 
 def test_bad_checkpoints(tmp_path):

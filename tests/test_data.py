@@ -212,3 +212,10 @@ def test_imagefolder_corrupt_image_skipped_or_strict(tmp_path):
     ds = ImageFolderDataset(str(root), strict=True)
     with pytest.raises(DataError, match="cannot read image .*0bad.jpg"):
         ds[i]
+
+
+def test_zero_is_refused_not_read_as_the_default():
+    with pytest.raises(DataError, match="crop_pct=0"):
+        build_dataset("synthetic", split="val", img_size=32, transform_cfg=TransformConfig(crop_pct=0.0))
+    with pytest.raises(DataError, match="length>=1"):
+        build_dataset("synthetic", split="val", img_size=32, length=0)

@@ -118,3 +118,42 @@ def test_torchrun_eval_matches_one_process(run_dir, tmp_path):
     assert dist["world_size"] == 2 and dist["images"] == 40
     for a, b in zip(single["results"], dist["results"], strict=True):
         assert a["top1"] == b["top1"] and a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+
+
+def test_speed_column_is_warmed_up_and_interleaved(run_dir, monkeypatch):
+    import imagepiece.bench as B
+
+    calls = []
+    real = B.time_interleaved
+
+    def spy(fns, x, warmup, runs, *args, **kwargs):
+        calls.append((list(fns), warmup, runs))
+        return real(fns, x, warmup, runs, *args, **kwargs)
+
+    monkeypatch.setattr(B, "time_interleaved", spy)
+    cfg = EvalConfig(checkpoint=run_dir, methods=("none", "evit", "tome:r=2"), dataset="synthetic",
+                     data_length=16, workers=0, batch_size=8, timing_warmup=1, timing_runs=2)
+    result = evaluate_plans(cfg)
+    # one interleaved timing of every plan together, after warm-up rounds
+    assert calls == [(["none", "evit", "tome:r=2"], 1, 2)]
+    assert all(r["images_per_s"] > 0 for r in result["results"])
+    assert result["results"][0]["speedup"] == 1.0
+
+
+def test_json_has_no_nan(tmp_path):
+    from imagepiece.evaluate import write_json
+
+    write_json({"results": [{"images_per_s": float("nan"), "speedup": None}]}, str(tmp_path / "r.json"))
+    data = json.loads((tmp_path / "r.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert data["results"][0]["images_per_s"] is None
+
+
+def test_evaluation_does_not_import_training():
+    """evaluate <-> train was an import circle; distributed set-up now lives in its own module."""
+    code = ("import sys; from imagepiece.evaluate import EvalConfig, evaluate_plans; "
+            "evaluate_plans(EvalConfig(model='vit_tiny_patch16_224', model_kwargs=dict(patch_size=4, "
+            "embed_dim=32, depth=2, num_heads=2), img_size=32, dataset='synthetic', data_length=4, "
+            "workers=0, methods=('none', 'evit'))); assert 'imagepiece.train' not in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -340,3 +340,79 @@ def test_bad_knobs_through_patch():
     with pytest.raises(ValueError, match="r=-2"):
         imagepiece.patch(model, "tome", r=-2)
     assert not imagepiece.is_patched(model)
+
+
+# ---------------------------------------------------------------------------------------
+# timm's other entry points, copying and pickling (issue 14, items 3 and 12)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("plan, kw", REDUCING)
+@pytest.mark.parametrize("pool", ["avg", "avgmax", "token"])
+def test_two_step_api_agrees_with_forward(plan, kw, pool):
+    """forward_head(forward_features(x)) pools by size exactly as model(x) does."""
+    model = imagepiece.patch(tiny_vit(global_pool=pool, class_token=pool == "token"), plan, **kw)
+    x = images(64, n=2)
+    with torch.no_grad():
+        direct = model(x)
+        two_step = model.forward_head(model.forward_features(x))
+        pre = model.forward_head(model.forward_features(x), pre_logits=True)
+    assert (direct - two_step).abs().max() <= 1e-6
+    assert torch.allclose(model.head(pre), direct, atol=1e-6)
+
+
+def test_forward_head_refuses_tokens_of_unknown_size():
+    model = imagepiece.patch(tiny_vit(global_pool="avg", class_token=False), "tome", r=4)
+    with torch.no_grad():
+        feats = model.forward_features(images(64, n=2))
+        with pytest.raises(ValueError, match="sizes are unknown"):
+            model.forward_head(feats[:, :-1])
+
+
+def test_forward_intermediates_refuses_a_reducing_plan():
+    model = imagepiece.patch(tiny_vit(), "evit", keep_rate=0.5)
+    with pytest.raises(ValueError, match="forward_intermediates is not available"):
+        model.forward_intermediates(images(64))
+    model.imagepiece.plan = "none"
+    final, inter = model.forward_intermediates(images(64))
+    assert len(inter) == len(model.blocks)
+
+
+@pytest.mark.parametrize("plan, kw", REDUCING)
+def test_trace_is_detached_and_model_deep_copies(plan, kw):
+    import copy
+
+    model = imagepiece.patch(tiny_vit(), plan, **kw).train()
+    model.imagepiece.record(sources=True, scores=True)
+    model(images(64, n=2)).sum().backward()
+    for rec in model.imagepiece.trace:
+        for t in (rec.size, rec.source, rec.scores, rec.patch_scores, rec.merged_similarity):
+            assert t is None or t.grad_fn is None
+    clone = copy.deepcopy(model).eval()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(clone(images(64)), model(images(64)))
+
+
+def test_patched_model_pickles(tmp_path):
+    import pickle
+
+    model = imagepiece.patch(tiny_vit(), "imagepiece", keep_rate=0.6)
+    with torch.no_grad():
+        ref = model(images(64))
+    back = pickle.loads(pickle.dumps(model))
+    assert imagepiece.is_patched(back) and type(back) is type(model)
+    assert back.imagepiece.plan == model.imagepiece.plan
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(back(images(64)), ref) and torch.equal(loaded(images(64)), ref)
+    assert type(imagepiece.unpatch(back)).__module__.startswith("timm")
+
+
+def test_class_attention_ranks_in_float32():
+    """Scores stay fp32 under bf16 so near-equal scores do not collapse into ties."""
+    q = torch.randn(2, 3, 10, 8).bfloat16()
+    k = torch.randn(2, 3, 10, 8).bfloat16()
+    scores = imagepiece.ops.class_attention(q, k, 8 ** -0.5, 1, True)
+    assert scores.dtype == torch.float32

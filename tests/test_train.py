@@ -1,5 +1,6 @@
 """Training: the recipe learns, resumes exactly, runs under torchrun, and rejects bad options."""
 
+import fcntl
 import json
 import os
 import subprocess
@@ -128,7 +129,7 @@ def test_cli_train_config_set_and_resume(tmp_path):
     saved = (tmp_path / "cli" / "config.yaml").read_text()
     assert "method: imagepiece" in saved and "data_length: 32" in saved
     res = runner.invoke(app, ["train", "--set", "epochs=0", "-o", str(tmp_path)])
-    assert res.exit_code == 2 and "epochs=0 must be a number >= 1" in res.output
+    assert res.exit_code == 2 and "epochs=0 is not allowed; expected a value >= 1" in res.output
 
 
 TORCHRUN_ARGS = ["--model", "vit_tiny_patch16_224", "--model-arg", "patch_size=4", "--model-arg",
@@ -171,3 +172,40 @@ def test_finetune_from_run_under_imagepiece_model(tmp_path):
     w = weights(summary["run_dir"])
     added = set(w) - set(weights(base["run_dir"]))
     assert added and all(".branch." in k for k in added)
+
+
+def test_run_folder_is_never_silently_reused(tmp_path, monkeypatch):
+    cfg = resolve_config(overrides=dict(TINY, data_length=32, batch_size=16, epochs=1, output=str(tmp_path),
+                                        name="same"))
+    train(cfg)
+    run = tmp_path / "same"
+    first = {p: (run / p).read_bytes() for p in ("log.jsonl", "config.yaml")}
+    with pytest.raises(ConfigError, match="already holds a run.*--resume.*--overwrite"):
+        train(cfg)
+    assert {p: (run / p).read_bytes() for p in first} == first  # untouched
+    train(cfg, overwrite=True)  # replaced as a whole: one epoch in the log, not two
+    assert [r["epoch"] for r in log(run)] == [0]
+    # a folder locked by a running process is refused, even to --resume
+    with open(run / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ConfigError, match="in use by another training process"):
+            train(resume_config(str(run), {"epochs": 2}), resume=str(run))
+    assert [r["epoch"] for r in log(run)] == [0]
+    # without a name, a folder taken in the same second gets a new name
+    monkeypatch.setattr("imagepiece.train.time.strftime", lambda fmt: "20250101-000000")
+    unnamed = dict(TINY, data_length=32, batch_size=16, epochs=1, output=str(tmp_path / "auto"))
+    a = train(resolve_config(overrides=unnamed))["run_dir"]
+    b = train(resolve_config(overrides=unnamed))["run_dir"]
+    assert b == a + "-2" and len(log(a)) == len(log(b)) == 1
+
+
+def test_finetune_to_new_classes_needs_the_opt_in(tmp_path):
+    base = train(resolve_config(overrides=dict(TINY, data_length=32, batch_size=16, epochs=1,
+                                               output=str(tmp_path), name="base")))["run_dir"]
+    ft = dict(TINY, data_length=32, batch_size=16, epochs=1, num_classes=4, finetune=base,
+              output=str(tmp_path))
+    with pytest.raises(ValueError, match="(?s)head.weight.*finetune_new_head=true"):
+        train(resolve_config(overrides=dict(ft, name="ft")))
+    assert not (tmp_path / "ft").exists()  # refused before the run folder was made
+    with pytest.warns(UserWarning, match="head"):
+        train(resolve_config(overrides=dict(ft, name="ft", finetune_new_head=True)))

@@ -31,6 +31,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .checkpoint import atomic_write
+from .options import json_safe
 
 __all__ = [
     "ANALYSES",
@@ -76,12 +77,26 @@ def load_model(name: str, model_kwargs: dict[str, Any] | None = None, checkpoint
                num_classes: int | None = None, seed: int = 0) -> nn.Module:
     """A timm model with random weights (seeded) or the weights of ``checkpoint``.
 
-    Checkpoints are read safely (safetensors, or ``torch.load(weights_only=True)``).
+    Checkpoints are read safely (safetensors, or ``torch.load(weights_only=True)``). A
+    transformers ``save_pretrained`` folder (or cached hub id) is read with its own weights.
     """
     import timm
 
+    from .patch import is_transformers_path, load_transformers
+
+    if is_transformers_path(name):
+        if model_kwargs or checkpoint:
+            raise AnalysisError("--model-arg and --checkpoint apply to timm models; a transformers "
+                                "model comes with its weights and config from its folder")
+        try:
+            return load_transformers(name)
+        except (ImportError, OSError, ValueError, TypeError) as e:
+            raise AnalysisError(f"cannot load the transformers model {name!r}: {e}") from None
+
     kwargs = dict(model_kwargs or {})
     if num_classes is not None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise AnalysisError(f"num_classes={num_classes!r} is not allowed; expected an integer >= 1")
         kwargs.setdefault("num_classes", num_classes)
     if not isinstance(name, str) or not timm.is_model(name):
         raise AnalysisError(f"unknown model {name!r}; use a timm.list_models() name such as "
@@ -130,14 +145,25 @@ def apply_method(model: nn.Module, spec: str) -> nn.Module:
 
 def input_size(model: nn.Module) -> tuple[int, int]:
     pe = getattr(model, "patch_embed", None)
+    from .patch import describe, is_transformers_model
+
+    if is_transformers_model(model):
+        return describe(model).image_size
     if pe is None or getattr(pe, "img_size", None) is None:
         raise AnalysisError(f"{type(model).__name__} is not a timm ViT with a patch embedding")
     return tuple(pe.img_size)
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's weights are: every analysis moves its images (and builds its masks and
+    index tensors) there, so a model on a GPU is analysed on the GPU."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
 def _forward(model: nn.Module, images: torch.Tensor, spec: str) -> torch.Tensor:
     try:
-        return model(images)
+        return model(images.to(model_device(model), non_blocking=True))
     except (RuntimeError, ValueError) as e:
         raise AnalysisError(f"method {spec!r} failed on images {tuple(images.shape)}: {e}") from None
 
@@ -186,10 +212,13 @@ def build_data(spec: str, split: str = "val", img_size: int = 32, num_classes: i
     images), ``fashion-mnist[:ROOT]``, ``imagefolder:ROOT`` or just ``ROOT`` (an ImageNet-style
     folder). Everything but ``synthetic`` uses ``imagepiece.data.build_dataset``.
     """
+    if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 1):
+        raise AnalysisError(f"length={length!r} is not allowed; expected an integer >= 1")
     kind, _, root = (spec or "synthetic").partition(":")
     if kind == "synthetic":
         offset = 0 if split == "train" else 7_919_000
-        return SyntheticImages(length or (256 if split == "train" else 128), num_classes, img_size,
+        default = 256 if split == "train" else 128
+        return SyntheticImages(length if length is not None else default, num_classes, img_size,
                                seed, offset=offset)
     if kind not in ("imagepiece-synthetic", "fashion-mnist", "imagefolder"):
         root, kind = spec, "imagefolder"
@@ -236,6 +265,8 @@ class Result:
 
 
 def _fmt(v: Any) -> str:
+    if v is None:  # NaN is stored as null in the JSON files
+        return "-"
     if isinstance(v, float):
         return "nan" if math.isnan(v) else f"{v:.4f}"
     return str(v)
@@ -274,8 +305,9 @@ def save_result(result: Result, out_dir: str) -> dict[str, str]:
 
     def write_json(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"name": result.name, "title": result.title, "meta": result.meta,
-                       "columns": result.columns, "rows": result.rows}, f, indent=2, default=str)
+            data = {"name": result.name, "title": result.title, "meta": result.meta,
+                    "columns": result.columns, "rows": result.rows}
+            json.dump(json_safe(data), f, indent=2, default=str, allow_nan=False)
 
     atomic_write(paths["csv"], write_csv)
     atomic_write(paths["json"], write_json)
@@ -337,13 +369,19 @@ def accuracy(model: nn.Module, loader: DataLoader, spec: str,
     """(top-1 in [0, 1], images/s of the forward passes) of the patched model on ``loader``."""
     correct = total = 0
     seconds = 0.0
+    device = model_device(model)
     for i, (images, targets) in enumerate(loader):
+        images = images.to(device)
         if transform is not None:
             images = transform(images, i)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         logits = _forward(model, images, spec)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         seconds += time.perf_counter() - t0
-        correct += (logits.argmax(-1) == targets).sum().item()
+        correct += (logits.argmax(-1).cpu() == targets).sum().item()
         total += len(targets)
     return correct / total, (total / seconds if seconds > 0 else float("nan"))
 
@@ -387,7 +425,7 @@ def random_masks(images: torch.Tensor, count: int, size: int, fill: float = 0.0,
     in_y = (rows[None, None, :] >= ys[..., None]) & (rows[None, None, :] < ys[..., None] + size)
     in_x = (cols[None, None, :] >= xs[..., None]) & (cols[None, None, :] < xs[..., None] + size)
     mask = (in_y[..., :, None] & in_x[..., None, :]).any(dim=1)  # (B, H, W)
-    out.masked_fill_(mask[:, None], fill)
+    out.masked_fill_(mask[:, None].to(out.device), fill)  # drawn on the CPU: the same masks anywhere
     return out
 
 
@@ -397,7 +435,11 @@ def masking_robustness(model: nn.Module, ds: Dataset, methods: Sequence[str],
                        batch_size: int = 64) -> Result:
     """Top-1 of each method with 0, 7, 10, ... random square masks (paper Table 4)."""
     H, W = input_size(model)
-    size = mask_size or default_mask_size(min(H, W))
+    size = mask_size if mask_size is not None else default_mask_size(min(H, W))
+    bad = [n for n in counts if isinstance(n, bool) or not isinstance(n, int) or n < 0]
+    if bad:
+        raise AnalysisError(f"mask counts {bad} are not allowed; expected integers >= 0")
+    random_masks(torch.zeros(1, 1, H, W), 0, size)  # a bad mask size fails here, before any work
     loader = _loader(ds, batch_size)
     rows = []
     for spec in methods:
@@ -452,7 +494,7 @@ def _attentive(scores: torch.Tensor, keep_rate: float) -> torch.Tensor:
     B, n = scores.shape
     k = min(n, max(1, math.ceil(keep_rate * n)))
     top = scores.topk(k, dim=-1).indices
-    return torch.zeros(B, n, dtype=torch.bool).scatter_(1, top, True)
+    return torch.zeros(B, n, dtype=torch.bool, device=scores.device).scatter_(1, top, True)
 
 
 def attentiveness_change(model: nn.Module, ds: Dataset, methods: Sequence[str],
@@ -466,13 +508,13 @@ def attentiveness_change(model: nn.Module, ds: Dataset, methods: Sequence[str],
     the group it joined is); discarded tokens, and tokens fused into EViT's fused token by the
     pruning of block l, count as not attentive at l + 1.
     """
+    if keep_rate is not None and (isinstance(keep_rate, bool) or not 0 < keep_rate <= 1):
+        raise AnalysisError(f"keep_rate={keep_rate!r} is not allowed; expected a value in (0, 1]")
     loader = _loader(ds, batch_size)
     rows = []
     for spec in methods:
         apply_method(model, spec)
-        kr = keep_rate or model.imagepiece.plan.keep_rate or 0.7
-        if not 0 < kr <= 1:
-            raise AnalysisError(f"keep_rate={kr} must be in (0, 1]")
+        kr = keep_rate if keep_rate is not None else (model.imagepiece.plan.keep_rate or 0.7)
         P = model.imagepiece.num_prefix
         traces = _traces(model, loader, spec)
         depth = len(traces[0])
@@ -504,7 +546,7 @@ def attentiveness_change(model: nn.Module, ds: Dataset, methods: Sequence[str],
 def _identity_sources(after: torch.Tensor, num_prefix: int) -> torch.Tensor:
     """The source maps of the tokens entering block 0: prefix rows zero, patch i -> patch i."""
     B, _, patches = after.shape
-    eye = torch.eye(patches, dtype=after.dtype).expand(B, -1, -1)
+    eye = torch.eye(patches, dtype=after.dtype, device=after.device).expand(B, -1, -1)
     return torch.cat([after.new_zeros(B, num_prefix, patches), eye], dim=1)
 
 
@@ -574,7 +616,7 @@ def important_merged(model: nn.Module, ds: Dataset, methods: Sequence[str] = ("t
             before = trace[block - 1].source if block else _identity_sources(t.source, P)
             dest = _destinations(before[:, P:], t.source[:, P:])  # (B, n)
             # A token is merged when another input token went to the same output token.
-            counts = torch.zeros(dest.shape[0], t.source.shape[1], dtype=torch.long)
+            counts = torch.zeros(dest.shape[0], t.source.shape[1], dtype=torch.long, device=dest.device)
             counts.scatter_add_(1, dest.clamp(min=0), (dest >= 0).long())
             merged = (dest >= 0) & (counts.gather(1, dest.clamp(min=0)) > 1)
             merged_total += merged.sum().item()
@@ -634,7 +676,7 @@ def keep_rate_sweep(model: nn.Module, ds: Dataset, methods: Sequence[str] = ("ev
             full = spec + ((":" if ":" not in spec else ",") + extra if extra else "")
             variants.append((spec, full, knob, v))
     rows = []
-    warm = next(iter(loader))[0]
+    warm = next(iter(loader))[0].to(model_device(model))
     for spec, full, knob, v in variants:
         apply_method(model, full)
         with torch.inference_mode():

@@ -1,10 +1,17 @@
-"""Throughput benchmark that users can trust (SPEC §7).
+"""Speed benchmark that users can trust (SPEC §7).
 
 Every variant (the unmodified model, each reduction plan and each plan's *limit*) is measured in
 one process, interleaved round-robin: every round runs every variant once on the same input
-tensor, in ``torch.inference_mode()``, synchronising CUDA around each timed call. Results are
-medians with their spread and ratios to the unmodified model, both as a ratio of medians and as
-the median of per-round ratios (robust to a shared, noisy machine).
+tensor, in ``torch.inference_mode()`` (or, with ``mode="train"``, as a full training step),
+synchronising CUDA around each timed call. Results are medians with their spread and ratios to
+the unmodified model, both as a ratio of medians and as the median of per-round ratios (robust
+to a shared, noisy machine); ``latency=True`` reports per-call milliseconds (p50/p90/p99).
+Each backend (eager, ``torch.compile``, ONNX Runtime) is its own group with its own baseline.
+
+Modules, arrows pointing down: this one validates a request, builds the variants and runs the
+groups; :mod:`.bench_backends` makes the timed callable of a variant (backend, training step);
+:mod:`.bench_measure` holds the instruments (interleaved timing, the limit, GMACs);
+:mod:`.bench_busy` notices a busy machine; :mod:`.bench_report` prints and writes the results.
 
 The **limit** of a plan runs the same blocks (same weights) on sequences that are already cut
 to the plan's token counts, with no selection work: attention (fused SDPA) on ``tokens_in``
@@ -35,22 +42,31 @@ import copy
 import dataclasses
 import difflib
 import os
-import platform
 import random
 import statistics
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from .bench_backends import BACKENDS, MODES, build
+from .bench_backends import BACKENDS, MODES, build, inference_context
 from .bench_busy import BusyMonitor
+from .bench_measure import (
+    LimitViT,
+    _peak_mem,
+    _quantiles,
+    count_gmacs,
+    machine_info,
+    steady_allocator,
+    time_interleaved,
+)
 from .bench_report import NOISY_IQR, output_problem, render, write_csv, write_json, write_plot
-from .patch.timm import _attention, patch, unpatch
+from .patch import describe, is_transformers_path, load_transformers, patch, unpatch, use_method  # noqa: F401
 from .plan import PRESETS, make_plan
+from .runtime import MethodError, format_method  # noqa: F401  (format_method: re-exported)
+from .runtime import parse_method as _parse_method
 
 __all__ = [
     "BACKENDS",
@@ -61,24 +77,29 @@ __all__ = [
     "BenchConfig",
     "BenchError",
     "BenchResult",
+    "LimitViT",
     "VariantResult",
-    "parse_method",
     "check_outputs",
+    "count_gmacs",
+    "format_method",
+    "machine_info",
+    "parse_method",
     "render",
     "run_benchmark",
+    "steady_allocator",
+    "time_interleaved",
+    "use_method",
     "write_csv",
     "write_json",
     "write_plot",
 ]
 
-#: ImagePiece hyper-speed on DeiT-S 224: keep rate 0.4 at blocks 3, 6, 9 (re-tokenizing at
-#: 2, 5, 8), 1.63 GMACs against 4.60 unmodified; measured at >= 2.5x the unmodified model's
-#: images/s on CPU (keep 0.5, 2.5x fewer MACs, ran at 2.3x: the unreduced blocks 0-2 and the
-#: selection work keep the speed-up below the MAC ratio).
-HYPER_SPEED = "imagepiece-hyper"
+#: The hyper-speed presets, at matched compute on DeiT-S 224 (1.67 / 1.73 / 1.72 GMACs against
+#: 4.60 unmodified): ToMe r=(18, -0.5), EViT keep 0.25, ImagePiece keep 0.34.
+HYPER_SPEED = ("tome-hyper", "evit-hyper", "imagepiece-hyper")
 
-#: The unmodified model, ToMe r=13, EViT keep 0.7, ImagePiece keep 0.7 and its hyper-speed.
-DEFAULT_METHODS = ("none", "tome", "evit", "imagepiece", HYPER_SPEED)
+#: The unmodified model, ToMe r=13, EViT keep 0.7, ImagePiece keep 0.7 and the hyper presets.
+DEFAULT_METHODS = ("none", "tome", "evit", "imagepiece", *HYPER_SPEED)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16",
@@ -206,67 +227,12 @@ class BenchResult:
 # --------------------------------------------------------------------------------------
 
 
-def _parse_value(text: str) -> Any:
-    text = text.strip()
-    if ";" in text:
-        return tuple(_parse_value(p) for p in text.split(";") if p.strip())
-    low = text.lower()
-    if low in ("true", "yes", "on"):
-        return True
-    if low in ("false", "no", "off"):
-        return False
-    if low == "none":
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"evit:keep_rate=0.5"`` -> ``("evit", {"keep_rate": 0.5})``.
-
-    Syntax: a preset name, optionally ``:`` and comma-separated ``knob=value`` pairs; a list
-    value separates its items with ``;`` (``imagepiece:keep_rate=0.5,blocks=1;4;7``, ToMe's
-    ``(r, inflection)`` schedule as ``tome:r=16;-0.5``). Only the syntax is checked here.
-    """
-    if not isinstance(spec, str) or not spec.strip():
-        raise BenchError(f"empty method spec {spec!r}; expected e.g. 'evit' or 'evit:keep_rate=0.5'")
-    name, _, rest = spec.strip().partition(":")
-    name = name.strip()
-    if name not in PRESETS:
-        close = difflib.get_close_matches(name, PRESETS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise BenchError(f"unknown method {name!r} in {spec!r}{hint}; allowed: {', '.join(PRESETS)}")
-    knobs: dict[str, Any] = {}
-    for item in filter(None, (p.strip() for p in rest.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip() or not value.strip():
-            raise BenchError(f"bad knob {item!r} in method {spec!r}; expected knob=value, "
-                             "e.g. 'evit:keep_rate=0.5' or 'imagepiece:blocks=1;4;7'")
-        knobs[key.strip()] = _parse_value(value)
-    return name, knobs
-
-
-def use_method(model: nn.Module, spec: str, registered: bool = False) -> nn.Module:
-    """Put ``model`` under the plan of ``spec``. ``none`` unpatches a plain timm model (the exact
-    original); a ``registered`` ``imagepiece_*`` model, created patched, gets the zero plan.
-    Raises ``ValueError``/``TypeError`` when the spec or its plan does not fit the model."""
-    name, knobs = parse_method(spec)
-    if name == "none" and not registered:
-        return unpatch(model)
-    return patch(model, name, **knobs)
-
-
-def format_method(name: str, knobs: dict[str, Any]) -> str:
-    """The spec :func:`parse_method` reads back: ``("evit", {"keep_rate": 0.5})`` ->
-    ``"evit:keep_rate=0.5"``."""
-
-    def fmt(v):
-        return ";".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
-    return name + (":" + ",".join(f"{k}={fmt(v)}" for k, v in knobs.items()) if knobs else "")
+    """:func:`imagepiece.runtime.parse_method`, raising :class:`BenchError` for a bad spec."""
+    try:
+        return _parse_method(spec)
+    except MethodError as e:
+        raise BenchError(str(e)) from None
 
 
 def _knob_names(name: str) -> set[str]:
@@ -349,6 +315,8 @@ def _create_model(config: BenchConfig) -> tuple[nn.Module, str]:
     import timm
 
     name = config.model
+    if is_transformers_path(name):
+        return _create_transformers_model(config)
     if not isinstance(name, str) or not timm.is_model(name):
         close = difflib.get_close_matches(str(name), timm.list_models(), n=3)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
@@ -373,6 +341,20 @@ def _create_model(config: BenchConfig) -> tuple[nn.Module, str]:
     return unpatch(model).eval(), weights
 
 
+def _create_transformers_model(config: BenchConfig) -> tuple[nn.Module, str]:
+    if config.pretrained or config.checkpoint or config.model_kwargs:
+        raise BenchError("--pretrained, --checkpoint and --model-arg apply to timm models; a "
+                         "transformers model comes with its weights and config from its folder")
+    try:
+        model = load_transformers(config.model)
+    except ImportError as e:
+        raise BenchError(str(e)) from None
+    except (OSError, ValueError, TypeError) as e:
+        raise BenchError(f"could not load the transformers model {config.model!r} (a save_pretrained "
+                         f"folder, or a hub id already in the local cache): {e}") from None
+    return model, f"transformers, from {config.model}"
+
+
 def _load_checkpoint(model: nn.Module, path: str) -> None:
     from .checkpoint import load_weights
 
@@ -382,179 +364,55 @@ def _load_checkpoint(model: nn.Module, path: str) -> None:
         raise BenchError(str(e)) from None
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-
-
-def steady_allocator() -> str:
-    """Make glibc keep freed memory in the process for the rest of its life.
-
-    By default glibc serves blocks above its (adaptive, at most 32 MiB) mmap threshold with
-    fresh ``mmap`` calls and returns them on free, so each such activation buffer is zero-filled
-    again by the kernel (page faults) on its next use. How often that happens depends on what
-    ran just before, which biased interleaved timings by up to 10% on DeiT-S batch 32 (the
-    unmodified model vs the identical limit run). With mmap off and trimming off the heap grows
-    to the peak working set once and is reused. Returns what was done ("steady (glibc)", or
-    "default" where the C library is not glibc). Process-wide and not undone.
-    """
-    import ctypes
-    import ctypes.util
-
-    if platform.system() != "Linux":
-        return "default"
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return "default"
-    ok = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**30) == 1
-    return "steady (glibc)" if ok else "default"
-
-
-def machine_info(devices: Sequence[str] = ()) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    import timm
-
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "timm": timm.__version__, "torch_threads": torch.get_num_threads()}
-    if any(d.startswith("cuda") for d in devices):
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
 # --------------------------------------------------------------------------------------
-# The limit: the same blocks on sequences already cut to the plan's token counts
+# Validation of a whole request
 # --------------------------------------------------------------------------------------
 
 
-class LimitViT(nn.Module):
-    """Runs ``model``'s blocks on pre-cut sequences: the fastest any implementation of a plan
-    with these token counts can be (prefix handling and selection are ignored on purpose)."""
+@dataclass
+class _Request:
+    """A validated request: the resolved sweeps."""
 
-    def __init__(self, model: nn.Module, tokens: Sequence[tuple[int, int]]):
-        super().__init__()
-        self.model = model
-        self.tokens = [tuple(t) for t in tokens]
+    batches: list[int]
+    threads: list[int]
+    devices: list[str]
+    dtypes: list[str]
+    backends: list[str]
+    calls: int
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.model.set_grad_checkpointing(enable)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from torch.utils.checkpoint import checkpoint
-
-        m = self.model
-        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
-        ckpt = m.grad_checkpointing and self.training and torch.is_grad_enabled()
-        for blk, (n_in, n_out) in zip(m.blocks, self.tokens, strict=True):
-            if ckpt:
-                x = checkpoint(_limit_block, blk, x, n_in, n_out, use_reentrant=False)
-            else:
-                x = _limit_block(blk, x, n_in, n_out)
-        return m.forward_head(m.norm(x))
+    def groups(self, mode: str, amp: bool) -> list[tuple[str, str, str, str, int, int]]:
+        """(mode, backend, device, dtype, batch, threads) of every group, in order."""
+        out = []
+        for backend in self.backends:
+            for device in self.devices:
+                dtypes = [("fp16" if device.startswith("cuda") else "bf16")] if amp else self.dtypes
+                out += [(mode, backend, device, dt, b, th) for dt in dtypes for b in self.batches
+                        for th in self.threads]
+        return out
 
 
-def _limit_block(blk: nn.Module, x: torch.Tensor, n_in: int, n_out: int) -> torch.Tensor:
-    if x.shape[1] != n_in:
-        x = x[:, :n_in]
-    x = x + blk.drop_path1(blk.ls1(_attention(blk.attn, blk.norm1(x), None)[0]))
-    if n_out != n_in:
-        x = x[:, :n_out]
-    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
-
-
-# --------------------------------------------------------------------------------------
-# Measurement
-# --------------------------------------------------------------------------------------
-
-
-def count_gmacs(model: nn.Module, x: torch.Tensor) -> float:
-    """Multiply-accumulates per image (FLOPs / 2 / batch), counted from the ops that run.
-
-    Attention runs on SDPA's math backend here: the counter has no formula for the fused CPU
-    kernel (torch 2.14 counts nothing for it, 0.36 of DeiT-S's 4.6 GMACs), while the math
-    backend's matmuls are counted exactly. Timing still uses the fused kernels.
-    """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        model(x)
-    return counter.get_total_flops() / 2 / x.shape[0] / 1e9
-
-
-def _quantiles(values: list[float]) -> tuple[float, float]:
-    if len(values) < 2:
-        return values[0], values[0]
-    q = statistics.quantiles(values, n=4, method="inclusive")
-    return q[0], q[2]
-
-
-def _peak_mem(fn: Callable, x: torch.Tensor, device: str, autocast) -> float | None:
-    if not device.startswith("cuda"):
-        return None
-    torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    with torch.inference_mode(), autocast():
-        fn(x)
-    torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-
-
-def time_interleaved(fns: Mapping[Any, Callable[[torch.Tensor], Any]], x: torch.Tensor, warmup: int,
-                     runs: int, rng: random.Random | None = None,
-                     step: Callable[[Any], None] | None = None) -> dict[Any, list[float]]:
-    """Seconds of each ``fn(x)``, round by round in a new random order each round, so a slow
-    spell of a shared machine hits every variant alike; the first ``warmup`` rounds are dropped.
-
-    Runs under ``torch.inference_mode``; CUDA is synchronised around each call.
-    """
-    rng = rng or random.Random(0)
-    sync = x.device.type == "cuda"
-    times: dict[Any, list[float]] = {k: [] for k in fns}
-    with torch.inference_mode():
-        for rnd in range(warmup + runs):
-            order = list(fns)
-            rng.shuffle(order)  # no variant always follows the same one
-            for key in order:
-                if sync:
-                    torch.cuda.synchronize(x.device)
-                t0 = time.perf_counter()
-                fns[key](x)
-                if sync:
-                    torch.cuda.synchronize(x.device)
-                if rnd >= warmup:
-                    times[key].append(time.perf_counter() - t0)
-                if step is not None:
-                    step(key)
-    return times
-
-
-def run_benchmark(
-    config: BenchConfig,
-    progress: Callable[[int, int, str], None] | None = None,
-) -> BenchResult:
-    """Validate ``config`` (raising :class:`BenchError` before any timing), then measure.
-
-    ``progress(done, total, what)`` is called after each timed forward pass.
-    """
-    # ---- validation: everything that can fail, fails here --------------------------------
-    batches = _check_positive("batch size", config.batch_sizes)
+def _validate(config: BenchConfig) -> _Request:
+    """Every check that does not need the model; raises :class:`BenchError`."""
+    if config.mode not in MODES:
+        raise BenchError(f"mode={config.mode!r} is not allowed; allowed: {', '.join(MODES)}")
+    default_batch = [1] if config.latency else [32]
+    batches = _check_positive("batch size", default_batch if config.batch_sizes is None
+                              else config.batch_sizes)
     _check_positive("runs", [config.runs])
     _check_positive("warmup", [config.warmup], low=0)
+    calls = 10 if config.latency else 1
+    if config.calls is not None:
+        calls = _check_positive("calls", [config.calls])[0]
     threads = _check_positive("threads", config.threads) if config.threads else [
         torch.get_num_threads()]
     devices = [_check_device(d) for d in (config.devices or ["cpu"])]
     dtypes = [_check_dtype(d) for d in (config.dtypes or ["fp32"])]
+    if config.amp and dtypes != ["fp32"]:
+        raise BenchError(f"amp=True picks the dtype itself (fp16 on CUDA, bf16 on CPU); with dtype "
+                         f"{', '.join(dtypes)} give one or the other")
+    if config.grad_checkpointing and config.mode != "train":
+        raise BenchError("grad_checkpointing only applies to mode 'train' (training steps)")
+    backends = _check_backends(config, devices, dtypes)
     for kr in config.keep_rates:
         if isinstance(kr, bool) or not isinstance(kr, (int, float)) or not 0 < kr <= 1:
             raise BenchError(f"keep rate {kr!r} is outside (0, 1]; expected 0 < keep_rate <= 1")
@@ -565,14 +423,79 @@ def run_benchmark(
         raise BenchError(f"no methods given; allowed: {', '.join(PRESETS)}")
     for spec in config.methods:  # syntax and preset names before the (slow) model creation
         parse_method(spec)
-    base, weights = _create_model(config)
-    if not hasattr(base, "blocks"):
-        raise BenchError(f"model {config.model!r} has no transformer blocks; imagepiece supports "
-                         "timm VisionTransformer models")
-    methods = _expand_methods(config, len(base.blocks))
-    img = base.patch_embed.img_size if hasattr(base, "patch_embed") else (224, 224)
-    in_chans = getattr(base.patch_embed.proj, "in_channels", 3)
+    return _Request(batches, threads, devices, dtypes, backends, calls)
 
+
+def _check_backends(config: BenchConfig, devices: list[str], dtypes: list[str]) -> list[str]:
+    backends = list(dict.fromkeys(str(b).strip().lower() for b in (config.backends or ["eager"])))
+    for b in backends:
+        if b not in BACKENDS:
+            raise BenchError(f"unknown backend {b!r}; allowed: {', '.join(BACKENDS)}")
+    if "onnxruntime" in backends:
+        why = ("training steps" if config.mode == "train" else
+               f"device {', '.join(devices)}" if devices != ["cpu"] else
+               "amp" if config.amp else f"dtype {', '.join(dtypes)}" if dtypes != ["fp32"] else None)
+        if why:
+            raise BenchError(f"backend 'onnxruntime' runs inference on the CPU in fp32 only, not "
+                             f"{why}; allowed there: eager, compile")
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise BenchError("backend 'onnxruntime' needs the onnxruntime package "
+                             "(pip install onnxruntime)") from None
+    if "compile" in backends:
+        import torch._dynamo
+
+        known = torch._dynamo.list_backends(exclude_tags=())
+        if config.compile_backend not in known:
+            raise BenchError(f"unknown torch.compile backend {config.compile_backend!r}; allowed: "
+                             f"{', '.join(known)}")
+    return backends
+
+
+def check_outputs(json_path: str | None = None, csv_path: str | None = None,
+                  plot_path: str | None = None) -> None:
+    """Raise :class:`BenchError` for an output path that cannot be written (a directory, a file
+    in the way of a folder, a read-only folder, an unsupported plot extension, one file for two
+    outputs). Writes nothing; run it before any timing."""
+    given = [(o, p) for o, p in (("--json", json_path), ("--csv", csv_path), ("--plot", plot_path))
+             if p is not None]
+    seen: dict[str, str] = {}
+    for option, path in given:
+        problem = output_problem(path, option)
+        if problem:
+            raise BenchError(problem)
+        full = os.path.realpath(path)
+        if full in seen:
+            raise BenchError(f"{seen[full]} and {option} both name {path!r}; give two files")
+        seen[full] = option
+
+
+# --------------------------------------------------------------------------------------
+# Measurement
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Setup:
+    """The variants of one request, built once: models, token counts, limits, GMACs."""
+
+    methods: list[tuple[str, str, dict[str, Any]]]
+    models: dict[str, nn.Module]
+    tokens: dict[str, list[tuple[int, int]]]
+    limits: dict[tuple, nn.Module]
+    gmacs: dict[str, float]
+    limit_gmacs: dict[tuple, float]
+    image: tuple[int, ...]  # (channels, height, width)
+
+
+def _setup(config: BenchConfig, base: nn.Module, gen: torch.Generator) -> _Setup:
+    try:
+        info = describe(base)
+    except TypeError as e:
+        raise BenchError(f"model {config.model!r}: {e}") from None
+    methods = _expand_methods(config, info.depth)
+    image = (info.in_chans, *info.image_size)
     models: dict[str, nn.Module] = {}
     for label, name, knobs in methods:
         if label == "none":
@@ -582,93 +505,177 @@ def run_benchmark(
             models[label] = patch(copy.deepcopy(base), name, **knobs)
         except (TypeError, ValueError) as e:
             raise BenchError(f"cannot apply {label!r} to {config.model!r}: {e}") from None
-
-    num_tokens = base.patch_embed.num_patches + base.num_prefix_tokens
-    tokens = {label: ([(num_tokens, num_tokens)] * len(base.blocks) if label == "none" else
+    num_tokens = info.num_tokens
+    tokens = {label: ([(num_tokens, num_tokens)] * info.depth if label == "none" else
                       models[label].imagepiece.token_counts(num_tokens)) for label in models}
     limits: dict[tuple, nn.Module] = {}
     if config.limit:
         for label in models:
-            key = tuple(tokens[label])
-            limits.setdefault(key, LimitViT(base, tokens[label]))
+            limits.setdefault(tuple(tokens[label]), LimitViT(base, tokens[label]))
+    flop_x = torch.randn(1, *image, generator=gen)
+    gmacs = {label: count_gmacs(m, flop_x) for label, m in models.items()}
+    limit_gmacs = {key: count_gmacs(m, flop_x) for key, m in limits.items()}
+    return _Setup(methods, models, tokens, limits, gmacs, limit_gmacs, image)
 
-    # ---- measurement ----------------------------------------------------------------------
+
+def run_benchmark(
+    config: BenchConfig,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> BenchResult:
+    """Validate ``config`` (raising :class:`BenchError` before any timing), then measure.
+
+    ``progress(done, total, what)`` is called after each variant's turn in a round, and with
+    ``done`` unchanged before each variant is prepared (compiled or exported).
+    """
+    req = _validate(config)
+    base, weights = _create_model(config)
+    gen = torch.Generator().manual_seed(config.seed)
+    setup = _setup(config, base, gen)
+    groups = req.groups(config.mode, config.amp)
+    n_fns = len(setup.models) + len(setup.limits)
+    ticker = _Ticker(progress, len(groups) * n_fns * (config.warmup + config.runs))
     results: list[VariantResult] = []
-    groups = [(d, t, b, th) for d in devices for t in dtypes for b in batches for th in threads]
-    n_fns = len(models) + len(limits)
-    total = len(groups) * n_fns * (config.warmup + config.runs)
-    done = 0
+    busy: list[dict[str, Any]] = []
     old_threads = torch.get_num_threads()
     rng = random.Random(config.seed)
     allocator = steady_allocator() if config.allocator == "steady" else "default"
-    gen = torch.Generator().manual_seed(config.seed)
-    flop_x = torch.randn(1, in_chans, *img, generator=gen)
-    gmacs = {label: count_gmacs(m, flop_x) for label, m in models.items()}
-    limit_gmacs = {key: count_gmacs(m, flop_x) for key, m in limits.items()}
     try:
-        for device, dtype, batch, nthreads in groups:
-            torch.set_num_threads(nthreads)
-            for m in models.values():
-                m.to(device)
-            x = torch.randn(batch, in_chans, *img, generator=gen).to(device)
-            dt = DTYPES[dtype]
-
-            def autocast(device=device, dt=dt):
-                return torch.autocast(device.split(":")[0], dtype=dt, enabled=dt != torch.float32)
-
-            fns: dict[tuple[str, Any], Callable] = {("v", label): m for label, m in models.items()}
-            fns.update({("l", key): m for key, m in limits.items()})
-
-            def step(key, where=f"{device} {dtype} b{batch} t{nthreads}") -> None:
-                nonlocal done
-                done += 1
-                if progress is not None:
-                    progress(done, total, f"{where}: {key[1] if key[0] == 'v' else 'limit'}")
-
-            with autocast():
-                times = time_interleaved(fns, x, config.warmup, config.runs, rng, step)
-            results += _summarise(models, tokens, times, gmacs, limit_gmacs, methods, device,
-                                  dtype, batch, nthreads, x, autocast)
+        for group in groups:
+            variants, report = _measure_group(config, setup, group, req.calls, rng, gen, ticker)
+            results += variants
+            if report is not None:
+                busy.append({"group": list(group), **report.as_dict()})
     finally:
         torch.set_num_threads(old_threads)
-        for m in models.values():
+        for m in setup.models.values():
             m.to("cpu")
 
     cfg = dataclasses.asdict(config)
-    cfg.update(allocator=allocator, methods=list(config.methods), batch_sizes=batches, threads=threads,
-               devices=devices, dtypes=dtypes, keep_rates=list(config.keep_rates),
-               rs=list(config.rs))
-    random_weights = not config.pretrained and not config.checkpoint
-    return BenchResult(cfg, machine_info(devices), random_weights, weights, results)
+    cfg.update(allocator=allocator, methods=list(config.methods), batch_sizes=req.batches,
+               threads=req.threads, devices=req.devices, dtypes=req.dtypes, backends=req.backends,
+               calls=req.calls, keep_rates=list(config.keep_rates), rs=list(config.rs))
+    random_weights = not config.pretrained and not config.checkpoint and not is_transformers_path(
+        config.model)
+    return BenchResult(cfg, machine_info(req.devices), random_weights, weights, results, busy)
 
 
-def _summarise(models, tokens, times, gmacs, limit_gmacs, methods, device, dtype, batch,
-               nthreads, x, autocast) -> list[VariantResult]:
-    base_t = times[("v", "none")]
-    base_ips = statistics.median(batch / s for s in base_t)
+class _Ticker:
+    def __init__(self, progress: Callable[[int, int, str], None] | None, total: int):
+        self.progress, self.total, self.done = progress, total, 0
+
+    def __call__(self, what: str, advance: int = 1) -> None:
+        self.done += advance
+        if self.progress is not None:
+            self.progress(self.done, self.total, what)
+
+
+def _group_modules(config: BenchConfig, setup: _Setup, device: str) -> dict[tuple, nn.Module]:
+    """("v", label) and ("l", tokens) -> module on ``device``. Training gets fresh copies: each
+    variant and each limit trains its own weights with its own optimizer."""
+    mods: dict[tuple, nn.Module] = {("v", label): m for label, m in setup.models.items()}
+    mods.update({("l", key): m for key, m in setup.limits.items()})
+    if config.mode == "train":
+        mods = {k: copy.deepcopy(m) for k, m in mods.items()}
+        if config.grad_checkpointing:
+            for m in mods.values():
+                m.set_grad_checkpointing(True)
+    return {k: m.to(device) for k, m in mods.items()}
+
+
+def _measure_group(config: BenchConfig, setup: _Setup, group: tuple, calls: int,
+                   rng: random.Random, gen: torch.Generator, ticker: _Ticker):
+    mode, backend, device, dtype, batch, nthreads = group
+    torch.set_num_threads(nthreads)
+    modules = _group_modules(config, setup, device)
+    x = torch.randn(batch, *setup.image, generator=gen).to(device)
+    dt = DTYPES[dtype]
+
+    def autocast():
+        return torch.autocast(device.split(":")[0], dtype=dt, enabled=dt != torch.float32)
+
+    def ctx():
+        return contextlib.nullcontext() if mode == "train" else inference_context(autocast)
+
+    fns, prep, errors = {}, {}, {}
+    where = f"{mode} {backend} {device} {dtype} b{batch} t{nthreads}"
+    for key, module in modules.items():
+        ticker(f"{where}: preparing {key[1] if key[0] == 'v' else 'a limit'}", advance=0)
+        fn, prep[key], err = build(module, backend, mode, x, nthreads, autocast, dt,
+                                   config.compile_backend)
+        if fn is None:
+            errors[key] = err
+        else:
+            fns[key] = fn
+    monitor = BusyMonitor(nthreads) if config.busy_check else None
+    if monitor is not None:
+        monitor.start()
+    with autocast() if mode == "inference" else contextlib.nullcontext():
+        times = time_interleaved(
+            fns, x, config.warmup, config.runs, rng,
+            lambda key: ticker(f"{where}: {key[1] if key[0] == 'v' else 'limit'}"),
+            inference=mode == "inference", repeat=calls,
+            between=monitor.round if monitor is not None else None)
+    report = monitor.stop() if monitor is not None else None
+    peaks = {k: _peak_mem(fn, x, device, ctx) for k, fn in fns.items() if k[0] == "v"}
+    return _summarise(setup, group, times, prep, errors, peaks), report
+
+
+def _speeds(t: list[float] | None, base_t: list[float] | None, batch: int) -> dict[str, Any]:
+    """img/s statistics, per-call ms percentiles and ratios to the baseline's times."""
+    keys = ("ips_median", "ips_q1", "ips_q3", "ips_min", "ips_max", "speedup", "speedup_rounds",
+            "speedup_best", "ms_p50", "ms_p90", "ms_p99")
+    out: dict[str, Any] = dict.fromkeys(keys)
+    if not t:
+        return out
+    ips = [batch / s for s in t]
+    q1, q3 = _quantiles(ips)
+    ms = sorted(s * 1e3 for s in t)
+    pct = statistics.quantiles(ms, n=100, method="inclusive") if len(ms) > 1 else ms * 99
+    out.update(ips_median=statistics.median(ips), ips_q1=q1, ips_q3=q3, ips_min=min(ips),
+               ips_max=max(ips), ms_p50=pct[49], ms_p90=pct[89], ms_p99=pct[98])
+    if base_t:
+        out.update(speedup=out["ips_median"] / statistics.median(batch / s for s in base_t),
+                   speedup_rounds=statistics.median(b / s for b, s in zip(base_t, t, strict=True)),
+                   speedup_best=min(base_t) / min(t))
+    return out
+
+
+def _summarise(setup: _Setup, group: tuple, times: dict, prep: dict, errors: dict,
+               peaks: dict) -> list[VariantResult]:
+    mode, backend, device, dtype, batch, nthreads = group
+    base_t = times.get(("v", "none"))
     out = []
-    for label, name, knobs in methods:
-        t = times[("v", label)]
-        ips = [batch / s for s in t]
-        q1, q3 = _quantiles(ips)
-        med = statistics.median(ips)
+    for label, name, knobs in setup.methods:
+        t = times.get(("v", label), [])
         v = VariantResult(
             label=label, plan=name, knobs=dict(knobs), device=device, dtype=dtype, batch=batch,
-            threads=nthreads, gmacs=gmacs[label], tokens=list(tokens[label]), times=t,
-            ips_median=med, ips_q1=q1, ips_q3=q3, ips_min=min(ips), ips_max=max(ips),
-            speedup=med / base_ips,
-            speedup_rounds=statistics.median(b / s for b, s in zip(base_t, t, strict=True)),
-            speedup_best=min(base_t) / min(t),
-        )
-        key = ("l", tuple(tokens[label]))
-        if key in times:
-            lt = times[key]
-            v.limit_gmacs = limit_gmacs[key[1]]
-            v.limit_times = lt
-            v.limit_ips_median = statistics.median(batch / s for s in lt)
-            v.limit_speedup = v.limit_ips_median / base_ips
-            v.efficiency = v.speedup / v.limit_speedup
-            v.efficiency_best = min(lt) / min(t)
-        v.peak_mem_mib = _peak_mem(models[label], x, device, autocast)
+            threads=nthreads, gmacs=setup.gmacs[label], tokens=list(setup.tokens[label]), times=t,
+            mode=mode, backend=backend, error=errors.get(("v", label)),
+            prep_s=None if backend == "eager" else prep.get(("v", label)),
+            peak_mem_mib=peaks.get(("v", label)), **_speeds(t, base_t, batch))
+        _add_limit(v, setup, times, errors, base_t)
         out.append(v)
     return out
+
+
+def _add_limit(v: VariantResult, setup: _Setup, times: dict, errors: dict,
+               base_t: list[float] | None) -> None:
+    key = ("l", tuple(v.tokens))
+    if key[1] not in setup.limits:
+        return
+    v.limit_gmacs = setup.limit_gmacs[key[1]]
+    if key in errors and v.error is None:
+        v.error = f"limit: {errors[key]}"
+    lt = times.get(key)
+    if not lt:
+        return
+    v.limit_times = lt
+    v.limit_ips_median = statistics.median(v.batch / s for s in lt)
+    v.limit_ms_p50 = statistics.median(lt) * 1e3
+    if base_t:
+        v.limit_speedup = v.limit_ips_median / statistics.median(v.batch / s for s in base_t)
+    if v.times:
+        v.reduction_share = 1 - statistics.median(lt) / statistics.median(v.times)
+        if v.limit_speedup is not None:
+            v.efficiency = v.speedup / v.limit_speedup
+        v.efficiency_best = min(lt) / min(v.times)

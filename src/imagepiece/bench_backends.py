@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["BACKENDS", "MODES", "build", "train_step"]
+__all__ = ["BACKENDS", "MODES", "build", "inference_context", "train_step"]
 
 BACKENDS = ("eager", "compile", "onnxruntime")
 MODES = ("inference", "train")
@@ -69,6 +69,8 @@ def _compile(module: nn.Module, compile_backend: str) -> Callable:
 
 
 def _loss(out: Any, target: torch.Tensor) -> torch.Tensor:
+    if hasattr(out, "to_tuple"):  # a transformers ModelOutput: logits (or embeddings) first
+        out = out.to_tuple()[0]
     if isinstance(out, (tuple, list)):
         out = out[0]
     if out.ndim == 2 and out.shape[1] > 1:
@@ -127,7 +129,7 @@ def build(module: nn.Module, backend: str, mode: str, x: torch.Tensor, threads: 
             ctx: Any = contextlib.nullcontext()
         else:
             module.eval()
-            ctx = _inference(autocast)
+            ctx = inference_context(autocast)
         with ctx:
             fn(x)
         if x.device.type == "cuda":
@@ -138,6 +140,7 @@ def build(module: nn.Module, backend: str, mode: str, x: torch.Tensor, threads: 
 
 
 @contextlib.contextmanager
-def _inference(autocast: Callable):
+def inference_context(autocast: Callable):
+    """``torch.inference_mode()`` and ``autocast()``: the context of timed inference calls."""
     with torch.inference_mode(), autocast():
         yield

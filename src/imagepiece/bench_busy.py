@@ -27,13 +27,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["BusyMonitor", "BusyReport", "CALIBRATION_SLOWDOWN", "OTHERS_TOLERANCE", "judge",
-           "others_cores", "parse_proc_stat"]
+__all__ = ["BusyMonitor", "BusyReport", "CALIBRATION_SLOWDOWN", "MIN_WINDOW_S", "OTHERS_TOLERANCE",
+           "judge", "others_cores", "parse_proc_stat"]
 
 #: Cores of other processes' CPU use tolerated beyond the cores the benchmark leaves free.
 OTHERS_TOLERANCE = 0.25
 #: Slowest / fastest calibration timing above this means the machine changed during the run.
 CALIBRATION_SLOWDOWN = 1.5
+#: /proc/stat counts in ticks (10 ms): a shorter window cannot tell other processes' use.
+MIN_WINDOW_S = 1.0
 
 _BUSY_FIELDS = (0, 1, 2, 5, 6, 7)  # user nice system irq softirq steal (guest is in user)
 
@@ -84,14 +86,15 @@ def read_cpu(cpus: Sequence[int]) -> CpuReading:
 
 
 def others_cores(start: CpuReading, end: CpuReading) -> float | None:
-    """Average cores of CPU time used by other processes between two readings."""
+    """Average cores of CPU time used by other processes between two readings; None without
+    ``/proc/stat`` or for a window shorter than :data:`MIN_WINDOW_S` (ticks are too coarse)."""
     wall = end.wall - start.wall
-    if start.busy is None or end.busy is None or wall <= 0:
+    if start.busy is None or end.busy is None or wall < MIN_WINDOW_S:
         return None
     return max(0.0, ((end.busy - start.busy) - (end.own - start.own)) / wall)
 
 
-def calibrate(size: int = 192, reps: int = 6, samples: int = 3) -> float:
+def calibrate(size: int = 192, reps: int = 24, samples: int = 3) -> float:
     """Seconds of a fixed small workload (``reps`` products of two ``size``² fp32 matrices on
     torch's current threads), the median of ``samples`` timings."""
     gen = torch.Generator().manual_seed(0)
@@ -112,7 +115,9 @@ def judge(cpus: int, threads: int, others: float | None, calibration: Sequence[f
 
     ``cpus``: CPUs this process may use; ``threads``: threads the benchmark ran; ``others``:
     average cores other processes used on those CPUs; ``calibration``: seconds of the
-    calibration kernel, before the first round and after each round.
+    calibration kernel, before the first round and after each round. Busy when the others
+    used more than the free cores plus :data:`OTHERS_TOLERANCE`, or when the calibration's
+    upper quartile is :data:`CALIBRATION_SLOWDOWN` times its best.
     """
     reasons = []
     free = max(0, cpus - threads)
@@ -120,11 +125,13 @@ def judge(cpus: int, threads: int, others: float | None, calibration: Sequence[f
         reasons.append(f"other processes used {others:.2f} of this process's {cpus} CPUs on "
                        f"average while the benchmark ran {threads} thread(s) ({free} left free)")
     if len(calibration) >= 2 and min(calibration) > 0:
-        slow = max(calibration) / min(calibration)
+        # the upper quartile: a quarter of the rounds or more were slow, not one hiccup
+        upper = statistics.quantiles(calibration, n=4, method="inclusive")[2]
+        slow = upper / min(calibration)
         if slow > CALIBRATION_SLOWDOWN:
-            reasons.append(f"a calibration kernel timed between rounds slowed down {slow:.1f}x "
-                           f"({min(calibration) * 1e3:.2f} ms at best, {max(calibration) * 1e3:.2f} "
-                           "ms at worst): the load changed during the run")
+            reasons.append(f"a calibration kernel timed between rounds was {slow:.1f}x slower in "
+                           f"a quarter of the rounds ({upper * 1e3:.2f} ms) than at best "
+                           f"({min(calibration) * 1e3:.2f} ms): the load changed during the run")
     return reasons
 
 
@@ -133,6 +140,7 @@ class BusyReport:
     cpus: int
     threads: int
     others_cores: float | None
+    seconds: float
     calibration_ms: list[float]
     loadavg_before: str | None
     loadavg_after: str | None
@@ -144,38 +152,39 @@ class BusyReport:
 
     def as_dict(self) -> dict[str, Any]:
         return {"busy": self.busy, "reasons": list(self.reasons), "cpus": self.cpus,
-                "threads": self.threads, "others_cores": self.others_cores,
+                "threads": self.threads, "others_cores": self.others_cores, "seconds": self.seconds,
                 "calibration_ms": list(self.calibration_ms),
                 "loadavg_before": self.loadavg_before, "loadavg_after": self.loadavg_after}
 
 
 class BusyMonitor:
-    """``start()`` before the first timed round, ``round()`` after each, ``stop()`` at the end."""
+    """``start()`` before the first round, ``round()`` after each, ``stop()`` at the end (which
+    keeps timing the calibration kernel until the window is :data:`MIN_WINDOW_S` long)."""
 
-    def __init__(self, threads: int, calibration: bool = True):
+    def __init__(self, threads: int):
         self.threads = threads
-        self.calibration = calibration
         self.cpus = _our_cpus()
         self._calib: list[float] = []
         self._start: CpuReading | None = None
         self._load: str | None = None
 
-    def _calibrate(self) -> None:
-        if self.calibration:
-            self._calib.append(calibrate())
-
     def start(self) -> None:
         self._load = (_read("/proc/loadavg") or "").strip() or None
-        self._calibrate()
+        self._calib.append(calibrate())
         self._start = read_cpu(self.cpus)
 
     def round(self) -> None:
-        self._calibrate()
+        self._calib.append(calibrate())
 
     def stop(self) -> BusyReport:
+        # a run shorter than the ticks can resolve is extended with calibration kernels
+        while self._start is not None and time.perf_counter() - self._start.wall < MIN_WINDOW_S:
+            self._calib.append(calibrate())
         end = read_cpu(self.cpus)
         others = others_cores(self._start, end) if self._start is not None else None
-        report = BusyReport(len(self.cpus), self.threads, others, [t * 1e3 for t in self._calib],
-                            self._load, (_read("/proc/loadavg") or "").strip() or None)
+        seconds = end.wall - self._start.wall if self._start is not None else 0.0
+        report = BusyReport(len(self.cpus), self.threads, others, seconds,
+                            [t * 1e3 for t in self._calib], self._load,
+                            (_read("/proc/loadavg") or "").strip() or None)
         report.reasons = judge(report.cpus, self.threads, others, self._calib)
         return report

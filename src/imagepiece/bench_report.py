@@ -46,7 +46,7 @@ def output_problem(path: str, option: str) -> str | None:
         ext = os.path.splitext(full)[1].lower().lstrip(".")
         formats = plot_formats()
         if ext not in formats:
-            return (f"{option} {path!r} has an unsupported extension {('.' + ext) if ext else '(none)'}; "
+            return (f"{option} {path!r} has an unsupported extension {repr('.' + ext) if ext else '(none)'}; "
                     f"allowed: {', '.join('.' + f for f in formats)}")
     folder = os.path.dirname(full)
     while not os.path.lexists(folder):

@@ -33,6 +33,7 @@ __all__ = [
     "CheckpointError",
     "load_checkpoint",
     "load_state_dict",
+    "find_checkpoint",
     "load_weights",
     "save_checkpoint",
     "save_weights",
@@ -108,32 +109,93 @@ def save_checkpoint(directory: str, model: nn.Module | Mapping[str, torch.Tensor
 
     Everything goes to a temporary sibling first; the old directory is moved aside and the new
     one renamed into place, so a crash at any moment leaves either the old or the new checkpoint
-    (``load_checkpoint`` also finds one left aside by a crash between the two renames).
+    complete (``load_checkpoint`` also finds one left aside by a crash between the two renames).
+    Temporary folders of earlier killed saves are removed.
     """
     directory = os.path.abspath(os.fspath(directory))
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}.tmp-")
+    _remove_stale_temporaries(directory)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=_tmp_prefix(directory))
+    point = f"save:{os.path.basename(directory)}"
     try:
         weights = model.state_dict() if isinstance(model, nn.Module) else model
         save_weights(os.path.join(tmp, MODEL_FILE), weights)
+        kill_point(f"{point}:weights")
         if ema is not None:
             save_weights(os.path.join(tmp, EMA_FILE), ema.state_dict() if isinstance(ema, nn.Module) else ema)
         if state:
             torch.save(state, os.path.join(tmp, STATE_FILE))
         with open(os.path.join(tmp, META_FILE), "w") as f:
             json.dump(meta or {}, f, indent=2, sort_keys=True, default=str)
-        old = directory + ".old"
-        if os.path.isdir(old):
-            shutil.rmtree(old)
-        if os.path.isdir(directory):
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
+        _swap_into_place(tmp, directory, point)
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     return directory
+
+
+def _swap_into_place(tmp: str, directory: str, point: str) -> None:
+    """Rename the complete ``tmp`` to ``directory``, keeping one complete checkpoint at all times.
+
+    ``directory.old`` is only deleted while ``directory`` is complete: when a crash left the
+    ``.old`` copy alone, it is the only checkpoint there is, so it is renamed back first.
+    """
+    old = directory + ".old"
+    if not os.path.isdir(directory) and os.path.isdir(old):
+        os.replace(old, directory)
+    if os.path.isdir(old):
+        shutil.rmtree(old)
+    if os.path.isdir(directory):
+        os.replace(directory, old)
+    kill_point(f"{point}:renames")
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _tmp_prefix(directory: str) -> str:
+    return f".{os.path.basename(directory)}.tmp-"
+
+
+def _remove_stale_temporaries(directory: str) -> None:
+    """Delete ``.NAME.tmp-*`` folders that killed saves of ``directory`` left behind (a run
+    folder is locked by one training process, so no other save is writing them)."""
+    parent, prefix = os.path.dirname(directory), _tmp_prefix(directory)
+    for entry in os.listdir(parent):
+        if entry.startswith(prefix):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def find_checkpoint(directory: str) -> str | None:
+    """``directory`` when it is a checkpoint, else its ``.old`` copy left by a crash between the
+    two renames of :func:`save_checkpoint`, else None."""
+    directory = os.path.abspath(os.fspath(directory))
+    for candidate in (directory, directory + ".old"):
+        if os.path.isdir(candidate):
+            return candidate
+    return None
+
+
+_kill_counts: dict[str, int] = {}
+
+
+def kill_point(name: str) -> None:
+    """Fault injection for the crash tests: SIGKILL this process the ``N``-th time it reaches
+    ``name`` when the environment holds ``IMAGEPIECE_KILL_AT=name@N`` (``@N`` defaults to 1).
+
+    A real kill, so no ``finally`` block or buffered write gets a chance to tidy up.
+    """
+    spec = os.environ.get("IMAGEPIECE_KILL_AT")
+    if not spec:
+        return
+    target, _, nth = spec.partition("@")
+    if target != name:
+        return
+    _kill_counts[name] = _kill_counts.get(name, 0) + 1
+    if _kill_counts[name] == int(nth or 1):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
@@ -178,11 +240,10 @@ def _refused_global(e: Exception) -> str:
 
 def load_checkpoint(directory: str, with_state: bool = True) -> Checkpoint:
     """Read one of our checkpoint directories (``run_dir/checkpoints/last`` or ``best``)."""
-    directory = os.path.abspath(os.fspath(directory))
-    if not os.path.isdir(directory) and os.path.isdir(directory + ".old"):
-        directory += ".old"  # a crash between the two renames of save_checkpoint
-    if not os.path.isdir(directory):
-        raise CheckpointError(f"checkpoint directory {directory!r} does not exist")
+    found = find_checkpoint(directory)  # or the .old copy a crash between two renames left
+    if found is None:
+        raise CheckpointError(f"checkpoint directory {os.path.abspath(directory)!r} does not exist")
+    directory = found
     meta_path = os.path.join(directory, META_FILE)
     try:
         with open(meta_path) as f:
@@ -225,7 +286,7 @@ def load_state_dict(path: str, use_ema: bool = False) -> dict[str, torch.Tensor]
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, META_FILE)):
             for sub in ("checkpoints/best", "checkpoints/last"):
-                if os.path.isdir(os.path.join(path, sub)):
+                if find_checkpoint(os.path.join(path, sub)):
                     path = os.path.join(path, sub)
                     break
         ckpt = load_checkpoint(path, with_state=False)
@@ -257,38 +318,97 @@ def load_state_dict(path: str, use_ema: bool = False) -> dict[str, torch.Tensor]
     return _strip_prefix(tensors)
 
 
-def load_weights(model: nn.Module, path: str, use_ema: bool = False, strict: bool = False,
-                 adapt: bool = True) -> dict[str, list[str]]:
+def load_weights(model: nn.Module, path: str, use_ema: bool = False, strict: bool = True,
+                 adapt: bool = True, new_head: bool = False) -> dict[str, list[str]]:
     """Load a checkpoint's weights into ``model`` and report missing/unexpected/dropped keys.
 
-    With ``adapt`` (for fine-tuning) a ViT's position embedding is resampled to the model's
-    grid with timm's ``checkpoint_filter_fn``, and tensors whose shape differs from the model's
-    (typically the classifier of another number of classes) are dropped with a warning.
-    Keys a checkpoint cannot have (the local coherence branch of an ``imagepiece_*`` model)
-    stay at their initialisation. An error when nothing at all matches.
+    ``strict`` refuses a checkpoint of another architecture (tensors missing, unexpected or of
+    another shape), naming them in a few lines: loading it anyway would leave the missing blocks
+    random and give plausible-looking but meaningless numbers. Keys a checkpoint cannot have
+    (the zero-initialised local coherence branch of an ``imagepiece_*`` model) may be missing.
+    ``new_head`` (fine-tuning to other classes) lets the classifier differ: its tensors of
+    another shape are dropped with a warning and keep their initialisation. With ``adapt`` a
+    ViT's position embedding is first resampled to the model's grid with timm's
+    ``checkpoint_filter_fn``. Always an error when nothing at all matches.
     """
     state = load_state_dict(path, use_ema=use_ema)
     if adapt:
         state = _adapt(model, state)
     own = model.state_dict()
-    dropped = []
-    if adapt:
-        for k in list(state):
-            if k in own and own[k].shape != state[k].shape:
-                dropped.append(f"{k} {tuple(state[k].shape)}->{tuple(own[k].shape)}")
-                del state[k]
-        if dropped:
-            warnings.warn(f"not loading {len(dropped)} tensor(s) of another shape from {path!r}: "
-                          f"{dropped}", stacklevel=2)
     if not set(state) & set(own):
         raise CheckpointError(f"no weight of {path!r} matches {type(model).__name__}: checkpoint keys "
                               f"{sorted(state)[:5]}..., model keys {sorted(own)[:5]}...")
-    try:
-        result = model.load_state_dict(state, strict=strict)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path!r} does not fit {type(model).__name__}: {e}") from None
-    return {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys),
-            "dropped": dropped}
+    heads = _classifier_keys(model, own) if new_head else set()
+    reshaped = [k for k in state if k in own and own[k].shape != state[k].shape]
+    dropped = [f"{k} {tuple(state[k].shape)}->{tuple(own[k].shape)}" for k in reshaped if k in heads]
+    for k in reshaped:
+        if k in heads:
+            del state[k]
+    if dropped:
+        warnings.warn(f"not loading {len(dropped)} classifier tensor(s) of another shape from {path!r} "
+                      f"(new_head): {dropped}", stacklevel=2)
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if strict:
+        _refuse_misfit(path, model, state, own, missing, unexpected, heads)
+    elif any(k in own and own[k].shape != state[k].shape for k in state):
+        _refuse_misfit(path, model, state, own, [], [], heads)  # load_state_dict cannot load them
+    model.load_state_dict(state, strict=False)
+    return {"missing": missing, "unexpected": unexpected, "dropped": dropped}
+
+
+def _classifier_keys(model: nn.Module, own: Mapping[str, torch.Tensor]) -> set[str]:
+    """The state-dict keys of the model's classifier(s) (``head``, ``head_dist``, ...)."""
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "head"
+    names = (names,) if isinstance(names, str) else tuple(names)
+    return {k for k in own if any(k == n or k.startswith(n + ".") for n in names)}
+
+
+def _refuse_misfit(path: str, model: nn.Module, state: Mapping[str, torch.Tensor],
+                   own: Mapping[str, torch.Tensor], missing: list[str], unexpected: list[str],
+                   heads: set[str]) -> None:
+    """A few readable lines naming what does not fit, instead of torch's one line per tensor."""
+    allowed_missing = {k for k in missing if ".branch." in k or k in heads}
+    missing = [k for k in missing if k not in allowed_missing]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state
+              if k in own and own[k].shape != state[k].shape]
+    if not (missing or unexpected or shapes):
+        return
+    lines = [f"checkpoint {path!r} does not fit this {type(model).__name__} (another architecture?):"]
+    if missing:
+        lines.append(f"  {len(missing)} tensor(s) missing: {_summarize(missing)}")
+    if unexpected:
+        lines.append(f"  {len(unexpected)} unexpected: {_summarize(unexpected)}")
+    if shapes:
+        lines.append(f"  {len(shapes)} of another shape (checkpoint vs model): {_summarize(shapes, 3)}")
+    if shapes and all(s.split(" ")[0] in _classifier_keys(model, own) for s in shapes) and not heads:
+        lines.append("  only the classifier differs: to fine-tune to new classes, set finetune_new_head=true")
+    raise CheckpointError("\n".join(lines))
+
+
+def misfit_summary(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> str | None:
+    """One phrase on how ``state`` differs from a model's state dict ``own``, None when it fits."""
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state
+              if k in own and own[k].shape != state[k].shape]
+    parts = [f"{len(missing)} tensor(s) missing: {_summarize(missing, 3)}" if missing else "",
+             f"{len(unexpected)} unexpected: {_summarize(unexpected, 3)}" if unexpected else "",
+             f"{len(shapes)} of another shape: {_summarize(shapes, 2)}" if shapes else ""]
+    return "; ".join(p for p in parts if p) or None
+
+
+def _summarize(keys: list[str], limit: int = 6) -> str:
+    """``blocks.2.attn.qkv.weight, blocks.2.mlp...`` -> ``blocks.2.*``; at most ``limit`` items."""
+    import re
+
+    items: list[str] = []
+    for k in keys:
+        short = re.sub(r"^(blocks\.\d+)\.\S+", r"\1.*", k)
+        if short not in items:
+            items.append(short)
+    more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
 
 
 def _adapt(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -28,11 +28,13 @@ def bench(
         None, "--method",
         help="Repeatable. A preset, optionally with knobs: 'evit', 'evit:keep_rate=0.5', "
              "'tome:r=16', 'imagepiece:keep_rate=0.5,blocks=1;4;7' (lists use ';'). Default: "
-             "none, tome, evit, imagepiece, imagepiece-hyper (keep 0.4)."),
+             "none, tome, evit, imagepiece and the hyper presets tome-hyper, evit-hyper, "
+             "imagepiece-hyper."),
     keep_rate: list[float] = typer.Option(None, "--keep-rate",
                                           help="Repeatable sweep for methods with a keep rate."),
     r: list[int] = typer.Option(None, "--r", help="Repeatable sweep of ToMe's r."),
-    batch: list[int] = typer.Option([32], "--batch", "-b", help="Repeatable batch-size sweep."),
+    batch: list[int] = typer.Option(None, "--batch", "-b",
+                                    help="Repeatable batch-size sweep (default 32; 1 with --latency)."),
     threads: list[int] = typer.Option(None, "--threads",
                                       help="Repeatable torch.set_num_threads sweep "
                                            "(default: torch's current setting)."),
@@ -52,36 +54,48 @@ def bench(
     allocator: str = typer.Option("steady", "--allocator",
                                   help="steady: glibc keeps freed memory (no page-fault bias "
                                        "between variants); default: leave malloc alone."),
+    mode: str = typer.Option("inference", "--mode",
+                             help="inference: a forward pass; train: a full training step "
+                                  "(forward, cross-entropy, backward, AdamW step)."),
+    latency: bool = typer.Option(False, "--latency",
+                                 help="Per-call milliseconds (p50/p90/p99) and the share of time "
+                                      "spent in the reduction itself; batch 1 by default."),
+    calls: int = typer.Option(None, "--calls",
+                              help="Timed calls per variant per round (default 1; 10 with --latency)."),
+    backend: list[str] = typer.Option(["eager"], "--backend",
+                                      help="Repeatable: eager, compile (torch.compile, inductor), "
+                                           "onnxruntime (ONNX export, CPU provider, fp32)."),
+    amp: bool = typer.Option(False, "--amp",
+                             help="Mixed precision: autocast fp16 on CUDA (GradScaler when "
+                                  "training), bf16 on CPU."),
+    grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing",
+                                            help="--mode train: recompute block activations "
+                                                 "in the backward pass."),
+    busy_check: bool = typer.Option(True, "--busy-check/--no-busy-check",
+                                    help="Watch other processes' CPU use and a calibration "
+                                         "kernel; warn when the machine was busy."),
     json_path: str = typer.Option(None, "--json", help="Write all results as JSON."),
     csv_path: str = typer.Option(None, "--csv", help="Write one CSV row per variant."),
-    plot_path: str = typer.Option(None, "--plot", help="PNG of speed-up against GMACs."),
+    plot_path: str = typer.Option(None, "--plot",
+                                  help="Plot of speed-up against GMACs (.png, .pdf, .svg, ...)."),
 ) -> None:
-    """Throughput of reduction plans against the unmodified model, interleaved in one process."""
-    from rich.progress import Progress
-
+    """Speed of reduction plans against the unmodified model, interleaved in one process:
+    inference or training steps, throughput or latency, eager, compiled or ONNX Runtime."""
     from . import bench as B
 
     try:
-        kwargs = {}
-        for item in model_arg or []:
-            key, eq, value = item.partition("=")
-            if not eq or not key:
-                raise B.BenchError(f"--model-arg {item!r} is not KEY=VALUE")
-            kwargs[key] = B._parse_value(value)
+        B.check_outputs(json_path, csv_path, plot_path)
         config = B.BenchConfig(
             model=model, methods=tuple(method) if method else B.DEFAULT_METHODS,
-            keep_rates=tuple(keep_rate or ()), rs=tuple(r or ()), batch_sizes=tuple(batch),
+            keep_rates=tuple(keep_rate or ()), rs=tuple(r or ()),
+            batch_sizes=tuple(batch) if batch else None,
             threads=tuple(threads or ()), devices=tuple(device), dtypes=tuple(dtype),
             warmup=warmup, runs=runs, pretrained=pretrained, checkpoint=checkpoint,
-            model_kwargs=kwargs, limit=limit, allocator=allocator,
+            model_kwargs=_bench_model_args(model_arg), limit=limit, allocator=allocator,
+            mode=mode, latency=latency, calls=calls, backends=tuple(backend), amp=amp,
+            grad_checkpointing=grad_checkpointing, busy_check=busy_check,
         )
-        with Progress(transient=True) as bar:
-            task = bar.add_task("benchmark", total=None)
-
-            def step(done: int, total: int, what: str) -> None:
-                bar.update(task, completed=done, total=total, description=what)
-
-            result = B.run_benchmark(config, progress=step)
+        result = _bench_run(config)
     except B.BenchError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
@@ -89,8 +103,39 @@ def bench(
     for path, write in ((json_path, B.write_json), (csv_path, B.write_csv),
                         (plot_path, B.write_plot)):
         if path:
-            write(result, path)
+            try:
+                write(result, path)
+            except OSError as e:
+                typer.echo(f"error: could not write {path!r}: {e.strerror or e}", err=True)
+                raise typer.Exit(1) from None
             typer.echo(f"wrote {path}")
+
+
+def _bench_model_args(items: list[str] | None) -> dict:
+    from . import bench as B
+    from .runtime import _parse_value
+
+    kwargs = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise B.BenchError(f"--model-arg {item!r} is not KEY=VALUE")
+        kwargs[key] = _parse_value(value)
+    return kwargs
+
+
+def _bench_run(config):
+    from rich.progress import Progress
+
+    from . import bench as B
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task("benchmark", total=None)
+
+        def step(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=what)
+
+        return B.run_benchmark(config, progress=step)
 
 
 def _key_values(items: list[str] | None, what: str) -> dict:
@@ -150,6 +195,8 @@ def train(
                                    "e.g. --set mixup=0 --set aa=null --set min_lr=1e-6."),
     stop_after_steps: int = typer.Option(None, "--stop-after-steps", help="Debug: exit after N steps "
                                          "without saving, as if killed."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in "
+                                   "--output/--name (by default a folder holding a run is refused)."),
 ) -> None:
     """Train or fine-tune with the DeiT recipe (one process, or many under torchrun)."""
     from . import train as T
@@ -165,11 +212,14 @@ def train(
         if model_arg:
             overrides["model_kwargs"] = _key_values(model_arg, "--model-arg")
         overrides.update(T.parse_set(set_))
+        if resume and config:
+            raise T.ConfigError("--config is not read with --resume (the run's saved config.yaml is); "
+                                "give changed options on the command line")
         if resume:
             cfg = T.resume_config(resume, overrides)
         else:
             cfg = T.resolve_config(config, overrides)
-        summary = T.train(cfg, resume=resume)
+        summary = T.train(cfg, resume=resume, overwrite=overwrite)
     except (ValueError, FloatingPointError) as e:  # our DataError/ConfigError/CheckpointError
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
@@ -217,7 +267,17 @@ def eval_(
     import torch
 
     from . import evaluate as E
+    from .distributed import check_device
+    from .options import check_output_file, check_threads
 
+    try:  # before any work: nothing is computed for a run whose result cannot be kept
+        check_threads(threads)
+        check_device(device, "--device")
+        if json_path is not None:
+            check_output_file(json_path, "--json")
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
     if threads:
         torch.set_num_threads(threads)
     # Only a bare `imagepiece eval` (optionally with --data/--split/--max-images/--json) means the
@@ -293,17 +353,25 @@ def visualize(
     seed: int = typer.Option(0, "--seed", help="Seed of random weights."),
 ) -> None:
     """Draw the token partition and class attention of each method at chosen blocks."""
-    from .analysis import AnalysisError, load_model
+    from .analysis import AnalysisError, apply_method, load_model
+    from .vis import output_paths
     from .vis import visualize as draw
 
     try:
+        block_list = _int_list(blocks, "--blocks")
+        if images:
+            output_paths(images, out)  # writable, distinct: checked before any work
         if model is None:
+            from .options import check_output_dir
             from .vis import fashion_examples
             from .zoo import load_shipped, shipped_models
 
+            check_output_dir(out, "--out")
             net = load_shipped("imagepiece")
             shipped = shipped_models()
             default_methods = [shipped[n].method for n in ("tome", "evit", "imagepiece") if n in shipped]
+            for m in method or []:  # a bad method fails before the example images are written
+                apply_method(net, m)
             if not images:
                 images = fashion_examples(os.path.join(out, "inputs"))
         else:
@@ -311,8 +379,7 @@ def visualize(
                 raise AnalysisError("no image given (only the shipped model has default images)")
             net = load_model(model, _key_values(model_arg, "--model-arg"), checkpoint, seed=seed)
             default_methods = ["tome", "evit", "imagepiece"]
-        paths = draw(net, images, list(method) if method else default_methods, out,
-                     _int_list(blocks, "--blocks"))
+        paths = draw(net, images, list(method) if method else default_methods, out, block_list)
     except ValueError as e:  # AnalysisError, VisError, ZooError, DataError
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
@@ -349,10 +416,35 @@ def _analyze_setup(
     threads: int = typer.Option(None, "--threads", help="torch.set_num_threads."),
     seed: int = typer.Option(0, "--seed", help="Seed of random weights, data and masks."),
     out: str = typer.Option("analysis", "--out", "-o", help="Output folder."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto (cuda when available)."),
 ) -> None:
     ctx.obj = dict(model=model, checkpoint=checkpoint, model_arg=model_arg, data=data, split=split,
                    num_classes=num_classes, length=length, batch_size=batch_size, threads=threads,
-                   seed=seed, out=out)
+                   seed=seed, out=out, device=device)
+
+
+def _check_analysis_options(o: dict) -> None:
+    """The common options, before any work: 0 never stands for a default."""
+    from .distributed import check_device
+    from .options import check_count, check_output_dir
+
+    for name in ("threads", "length", "num_classes", "batch_size"):
+        check_count(o[name], "--" + name.replace("_", "-"), 1)
+    check_count(o["seed"], "--seed", 0)
+    check_device(o["device"], "--device")
+    check_output_dir(o["out"], "--out")
+
+
+def _check_keep_rate(value: float | None) -> None:
+    if value is not None and not 0 < value <= 1:
+        raise ValueError(f"--keep-rate={value!r} is not allowed; expected a value in (0, 1]")
+
+
+def _check_count(value, name: str, low: int):
+    """See :func:`imagepiece.options.check_count` (imported when a command runs)."""
+    from .options import check_count as check
+
+    return check(value, name, low)
 
 
 def _analysis_inputs(ctx: typer.Context):
@@ -370,6 +462,10 @@ def _analysis_inputs(ctx: typer.Context):
         net = load_shipped(o["model"].split(":", 1)[1], patched=False)
     else:
         net = load_model(o["model"], kwargs, o["checkpoint"], o["num_classes"], seed=o["seed"])
+    import torch
+
+    if o["device"] != "cpu":
+        net.to("cuda" if o["device"] == "cuda" or torch.cuda.is_available() else "cpu")
     classes = net.num_classes or 10
     ds = build_data(o["data"], o["split"], input_size(net)[0], classes, o["length"], o["seed"])
     setup = {k: o[k] for k in ("model", "checkpoint", "data", "split", "length", "seed")}
@@ -377,11 +473,15 @@ def _analysis_inputs(ctx: typer.Context):
     return net, ds, setup
 
 
-def _run_analyses(ctx: typer.Context, jobs) -> None:
-    """jobs: (analysis name, kwargs) pairs; each result is printed and saved under --out."""
+def _run_analyses(ctx: typer.Context, jobs, check=None) -> None:
+    """jobs: (analysis name, kwargs) pairs; each result is printed and saved under --out.
+    ``check()`` checks the analysis's own options, with the common ones, before any work."""
     from .analysis import ANALYSES, render, save_result, write_report
 
     try:
+        _check_analysis_options(ctx.obj)
+        if check is not None:
+            check()
         net, ds, setup = _analysis_inputs(ctx)
         for name, kwargs in jobs:
             result = ANALYSES[name][1](net, ds, batch_size=ctx.obj["batch_size"], **kwargs)
@@ -415,7 +515,8 @@ def analyze_masking(
     """Top-1 under random square masks (paper Table 4)."""
     _run_analyses(ctx, [("masking", dict(
         methods=method or ["none", "tome", "evit", "imagepiece"], counts=_int_list(counts, "--counts"),
-        mask_size=mask_size, aligned=aligned, fill=fill, seed=ctx.obj["seed"]))])
+        mask_size=mask_size, aligned=aligned, fill=fill, seed=ctx.obj["seed"]))],
+        lambda: _check_count(mask_size, "--mask-size", 1))
 
 
 @analyze_app.command("attentiveness")
@@ -427,7 +528,7 @@ def analyze_attentiveness(
 ) -> None:
     """Share of inattentive tokens at block l that are attentive at l+1 (paper Table 5)."""
     _run_analyses(ctx, [("attentiveness", dict(methods=method or ["evit", "imagepiece"],
-                                                keep_rate=keep_rate))])
+                                                keep_rate=keep_rate))], lambda: _check_keep_rate(keep_rate))
 
 
 @analyze_app.command("similarity")
@@ -462,7 +563,8 @@ def analyze_sweep(
     """Top-1 against measured images/s over keep rates / r (paper Figure 3)."""
     _run_analyses(ctx, [("sweep", dict(methods=method or ["evit", "tome", "imagepiece"],
                                        keep_rates=_float_list(keep_rates, "--keep-rates"),
-                                       rs=_int_list(r, "--r"), repeats=repeats))])
+                                       rs=_int_list(r, "--r"), repeats=repeats))],
+                  lambda: _check_count(repeats, "--repeats", 1))
 
 
 @analyze_app.command("all")

@@ -118,7 +118,7 @@ def build_transform(img_size: int, is_training: bool, cfg: TransformConfig | Non
             color_jitter=cfg.color_jitter, hflip=cfg.hflip,
             scale=tuple(cfg.scale) if cfg.scale else None, interpolation=cfg.interpolation,
             mean=mean, std=std)
-    crop_pct = cfg.crop_pct or crop_pct
+    crop_pct = cfg.crop_pct if cfg.crop_pct is not None else crop_pct  # 0 is refused, not "default"
     if not 0 < crop_pct <= 1:
         raise DataError(f"crop_pct={crop_pct!r} must be in (0, 1]")
     return create_transform(img_size, is_training=False, crop_pct=crop_pct,
@@ -397,9 +397,9 @@ def build_dataset(kind: str, root: str | None = None, split: str = "train", img_
     tf = build_transform(img_size, is_training, transform_cfg)
     if kind == "synthetic":
         # Train and val share the class layouts (same seed) but not the samples (other noise).
-        default_len = 512 if split == "train" else 128
+        length = length if length is not None else (512 if split == "train" else 128)  # 0 is refused
         offset = 0 if split == "train" else 1_000_003
-        return SyntheticDataset(length or default_len, num_classes, img_size, seed, tf, offset=offset)
+        return SyntheticDataset(length, num_classes, img_size, seed, tf, offset=offset)
     if not root:
         raise DataError("dataset kind 'imagefolder' needs a root folder (with train/ and val/)")
     return ImageFolderDataset(_split_dir(os.fspath(root), split), tf, class_to_idx, strict)

@@ -20,8 +20,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-__all__ = ["EvalConfig", "EvalError", "evaluate_model", "evaluate_plans", "make_eval_loader", "render",
-           "write_json"]
+from .patch import describe, is_transformers_path, load_transformers
+
+__all__ = ["EvalConfig", "EvalError", "check_config", "evaluate_model", "evaluate_plans", "make_eval_loader",
+           "render", "write_json"]
 
 
 class EvalError(ValueError):
@@ -64,6 +66,7 @@ def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device | 
         t0 = time.perf_counter()
         with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
             logits = model(images)
+            logits = getattr(logits, "logits", logits)  # a transformers ModelOutput
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         compute += time.perf_counter() - t0
@@ -110,6 +113,35 @@ class EvalConfig:
     device: str = "auto"
     amp: bool = False
     max_images: int | None = None  # the first N images of the split
+    timing_warmup: int = 2  # untimed rounds before the images/s rounds
+    timing_runs: int = 5  # timed rounds, each running every plan once in a new random order
+
+
+def check_config(cfg: EvalConfig) -> None:
+    """Every value of ``cfg`` in its range, before any work (0 never stands for a default)."""
+    from .bench import parse_method
+    from .data import DATASET_KINDS, SPLITS
+    from .distributed import check_device
+    from .options import check_count
+
+    try:
+        for name in ("img_size", "num_classes", "batch_size", "data_length", "max_images", "timing_runs"):
+            check_count(getattr(cfg, name), name, 0 if name == "timing_runs" else 1)
+        for name in ("workers", "seed", "timing_warmup"):
+            check_count(getattr(cfg, name), name, 0)
+        check_device(cfg.device)
+        for spec in cfg.methods:
+            parse_method(spec)
+    except ValueError as e:
+        raise EvalError(str(e)) from None
+    if cfg.crop_pct is not None and not 0 < cfg.crop_pct <= 1:
+        raise EvalError(f"crop_pct={cfg.crop_pct!r} is not allowed; expected a value in (0, 1]")
+    if cfg.dataset is not None and cfg.dataset not in DATASET_KINDS:
+        raise EvalError(f"dataset={cfg.dataset!r} is not allowed; allowed: {', '.join(DATASET_KINDS)}")
+    if cfg.split not in SPLITS:
+        raise EvalError(f"split={cfg.split!r} is not allowed; allowed: {', '.join(SPLITS)}")
+    if not cfg.methods:
+        raise EvalError("no method to evaluate; pass e.g. --method none --method evit")
 
 
 def _from_run(cfg: EvalConfig) -> dict[str, Any]:
@@ -119,75 +151,161 @@ def _from_run(cfg: EvalConfig) -> dict[str, Any]:
     for sub in ("", "checkpoints/best", "checkpoints/last"):
         meta = os.path.join(cfg.checkpoint, sub, "meta.json")
         if os.path.isfile(meta):
-            with open(meta) as f:
-                return json.load(f)
+            try:
+                with open(meta) as f:
+                    found = json.load(f)
+            except (OSError, ValueError) as e:
+                raise EvalError(f"cannot read {meta!r}: {e}") from None
+            return found if isinstance(found, dict) else {}
     return {}
 
 
+def _first(*values: Any) -> Any:
+    """The first value that is not None (0 is a value, not "unset")."""
+    return next((v for v in values if v is not None), None)
+
+
 def evaluate_plans(cfg: EvalConfig, progress: Any = None) -> dict[str, Any]:
-    """Evaluate the weights of ``cfg`` under every method; returns the results and the setup."""
+    """Evaluate the weights of ``cfg`` under every method; returns the results and the setup.
+
+    Each method runs on its own copy of the same weights: accuracy over the whole split, then
+    images/s timed on one batch with every plan interleaved in a new random order per round
+    after untimed warm-up rounds (as ``bench`` does), so no plan pays the one-time costs.
+    """
     import timm
 
-    from .bench import parse_method, use_method
-    from .checkpoint import load_weights
-    from .data import TransformConfig, build_dataset, num_classes_of
-    from .train import setup_distributed
+    from .bench import parse_method
+    from .data import num_classes_of
+    from .distributed import setup_distributed
 
+    check_config(cfg)
     run = _from_run(cfg)
-    saved = run.get("config", {})
+    saved = run.get("config") or {}
     model_name = cfg.model or run.get("model")
     if not model_name:
         raise EvalError("no model given: pass --model NAME (a timm name), or --checkpoint RUN_DIR of "
                         "an imagepiece training run (or no options at all: the shipped models)")
-    if not timm.is_model(model_name):
-        raise EvalError(f"unknown model {model_name!r}; any timm.list_models() name or imagepiece_*")
-    if not cfg.methods:
-        raise EvalError("no method to evaluate; pass e.g. --method none --method evit")
+    if not timm.is_model(model_name) and not is_transformers_path(model_name):
+        raise EvalError(f"unknown model {model_name!r}; any timm.list_models() name or imagepiece_*, "
+                        "or a transformers save_pretrained folder")
     parsed = [(spec, parse_method(spec)[0]) for spec in cfg.methods]
     dataset = cfg.dataset or saved.get("dataset") or "imagefolder"
     data_root = cfg.data_root or (saved.get("data_root") if dataset == saved.get("dataset") else None)
-    img_size = cfg.img_size or run.get("img_size") or (224 if dataset == "imagefolder" else 32)
+    img_size = _first(cfg.img_size, run.get("img_size"), 224 if dataset == "imagefolder" else 32)
     joined = dist.is_available() and dist.is_initialized()
     info = setup_distributed(cfg.device)
     torch.manual_seed(cfg.seed)
-    ds = build_dataset(dataset, data_root, cfg.split, img_size, train_transform=False,
-                       transform_cfg=TransformConfig(crop_pct=cfg.crop_pct, interpolation=cfg.interpolation),
-                       num_classes=cfg.num_classes or 10, length=cfg.data_length, seed=cfg.seed)
-    num_classes = cfg.num_classes or run.get("num_classes") or num_classes_of(ds)
+    ds = _eval_dataset(cfg, dataset, data_root, img_size)
+    num_classes = _first(cfg.num_classes, run.get("num_classes")) or num_classes_of(ds)
     ds = first_images(ds, cfg.max_images)
+    own_plan = model_name.startswith("imagepiece_")
+    loader = make_eval_loader(ds, cfg.batch_size, cfg.workers, info.rank, info.world_size,
+                              info.device.type == "cuda")
+    models, rows, weights = {}, [], ""
+    for i, (spec, _) in enumerate(parsed):
+        # Each plan gets its own model holding the same weights, for the interleaved timing.
+        model, weights = _eval_model(cfg, model_name, saved, img_size, num_classes, own_plan)
+        models[spec] = _under_method(model, spec, own_plan).to(info.device).eval()
+        result = evaluate_model(models[spec], loader, info.device, cfg.amp, info.world_size)
+        result.pop("images_per_s")  # the accuracy pass is not a fair timing: see _time_plans
+        rows.append({"method": spec, **result})
+        if progress is not None:
+            progress(i + 1, len(parsed), spec)
+    speeds = _time_plans(models, loader, cfg, info)
+    if info.distributed and not joined:
+        dist.destroy_process_group()
+    base_speed = speeds.get(parsed[0][0]) if parsed[0][1] == "none" else None
+    for row in rows:
+        row["images_per_s"] = speeds.get(row["method"], float("nan"))
+        row["speedup"] = row["images_per_s"] / base_speed if base_speed else None
+    return {"model": model_name, "weights": weights, "dataset": dataset, "split": cfg.split,
+            "images": rows[0]["images"], "img_size": img_size, "device": str(info.device),
+            "world_size": info.world_size, "rank": info.rank, "config": asdict(cfg), "results": rows}
+
+
+def _eval_dataset(cfg: EvalConfig, dataset: str, data_root: str | None, img_size: int) -> Dataset:
+    from .data import TransformConfig, build_dataset
+
+    tcfg = TransformConfig(crop_pct=cfg.crop_pct, interpolation=cfg.interpolation)
+    return build_dataset(dataset, data_root, cfg.split, img_size, train_transform=False, transform_cfg=tcfg,
+                         num_classes=_first(cfg.num_classes, 10), length=cfg.data_length, seed=cfg.seed)
+
+
+def _transformers_model(cfg: EvalConfig, path: str, img_size: int) -> tuple[nn.Module, str]:
+    """A transformers model from its folder, with its own weights; its input size must be the data's."""
+    if cfg.checkpoint or cfg.pretrained or cfg.model_kwargs:
+        raise EvalError("--checkpoint, --pretrained and --model-arg apply to timm models; a "
+                        "transformers model comes with its weights and config from its folder")
+    try:
+        model = load_transformers(path)
+    except (ImportError, OSError, ValueError, TypeError) as e:
+        raise EvalError(f"cannot load the transformers model {path!r}: {e}") from None
+    size = describe(model).image_size
+    if size != (img_size, img_size):
+        raise EvalError(f"--img-size {img_size} does not match the model's input size {size}; "
+                        f"give --img-size {size[0]}")
+    return model, f"transformers, from {path}"
+
+
+def _eval_model(cfg: EvalConfig, name: str, saved: dict[str, Any], img_size: int, num_classes: int,
+                own_plan: bool) -> tuple[nn.Module, str]:
+    """The unreduced model with the weights of ``cfg`` and a label for them; a checkpoint of
+    another architecture, or a model whose input size is not the data's, is refused."""
+    import timm
+
+    from .checkpoint import load_weights
+
+    if is_transformers_path(name):
+        return _transformers_model(cfg, name, img_size)
     kwargs = dict(saved.get("model_kwargs") or {})
     kwargs.update(cfg.model_kwargs)
     kwargs.setdefault("img_size", img_size)
     kwargs.setdefault("num_classes", num_classes)
-    own_plan = model_name.startswith("imagepiece_")
     if own_plan:
         kwargs.setdefault("plan", "none")
-    model = timm.create_model(model_name, pretrained=cfg.pretrained, **kwargs)
+    torch.manual_seed(cfg.seed)  # random weights: the same for every plan
+    try:
+        model = timm.create_model(name, pretrained=cfg.pretrained, **kwargs)
+    except (TypeError, ValueError, AssertionError) as e:
+        raise EvalError(f"cannot create {name!r} with {kwargs}: {e}") from None
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    dynamic = getattr(getattr(model, "patch_embed", None), "dynamic_img_size", False)
+    if size is not None and not dynamic and tuple(size) != (img_size, img_size):
+        raise EvalError(f"--img-size {img_size} does not match the model's input size {tuple(size)}; "
+                        f"give --img-size {size[0]} or leave it out")
     weights = "timm pretrained" if cfg.pretrained else "random"
     if cfg.checkpoint:
-        load_weights(model, cfg.checkpoint, use_ema=cfg.use_ema, strict=False, adapt=False)
+        load_weights(model, cfg.checkpoint, use_ema=cfg.use_ema, strict=True, adapt=False)
         weights = cfg.checkpoint + (" (EMA)" if cfg.use_ema else "")
-    model.to(info.device).eval()
-    loader = make_eval_loader(ds, cfg.batch_size, cfg.workers, info.rank, info.world_size,
-                              info.device.type == "cuda")
-    rows = []
-    for i, (spec, _) in enumerate(parsed):
-        try:
-            use_method(model, spec, registered=own_plan)
-        except (TypeError, ValueError) as e:
-            raise EvalError(f"method {spec!r}: {e}") from None
-        result = evaluate_model(model, loader, info.device, cfg.amp, info.world_size)
-        rows.append({"method": spec, **result})
-        if progress is not None:
-            progress(i + 1, len(parsed), spec)
-    if info.distributed and not joined:
-        dist.destroy_process_group()
-    base = rows[0]["images_per_s"] if parsed[0][1] == "none" else None
-    for row in rows:
-        row["speedup"] = row["images_per_s"] / base if base else None
-    return {"model": model_name, "weights": weights, "dataset": dataset, "split": cfg.split,
-            "images": rows[0]["images"], "img_size": img_size, "device": str(info.device),
-            "world_size": info.world_size, "rank": info.rank, "config": asdict(cfg), "results": rows}
+    return model, weights
+
+
+def _under_method(model: nn.Module, spec: str, own_plan: bool) -> nn.Module:
+    """``model`` under the plan of ``spec``."""
+    from .bench import use_method
+
+    try:
+        return use_method(model, spec, registered=own_plan)
+    except (TypeError, ValueError) as e:
+        raise EvalError(f"method {spec!r}: {e}") from None
+
+
+def _time_plans(models: dict[str, nn.Module], loader: DataLoader, cfg: EvalConfig, info: Any
+                ) -> dict[str, float]:
+    """Images/s of each model on the first batch, interleaved round by round (see
+    ``bench.time_interleaved``); the slowest process bounds the throughput under torchrun."""
+    from .bench import time_interleaved
+
+    if cfg.timing_runs == 0:
+        return {}
+    x = next(iter(loader))[0].to(info.device)
+    with torch.autocast(info.device.type, enabled=cfg.amp and info.device.type == "cuda"):
+        times = time_interleaved(models, x, cfg.timing_warmup, cfg.timing_runs)
+    median = torch.tensor([statistics.median(times[k]) for k in models], dtype=torch.float64,
+                          device=info.device)
+    if info.world_size > 1:
+        dist.all_reduce(median, op=dist.ReduceOp.MAX)
+    return {k: len(x) * info.world_size / t for k, t in zip(models, median.tolist(), strict=True)}
 
 
 def render(result: dict[str, Any], console: Any = None) -> None:
@@ -209,10 +327,11 @@ def render(result: dict[str, Any], console: Any = None) -> None:
 def write_json(result: dict[str, Any], path: str) -> None:
     """Write the result atomically."""
     from .checkpoint import atomic_write
+    from .options import json_safe
 
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
-            json.dump(result, f, indent=2, default=str)
+            json.dump(json_safe(result), f, indent=2, default=str, allow_nan=False)
 
     atomic_write(path, write)
 

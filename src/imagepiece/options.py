@@ -74,7 +74,7 @@ def _check_writable_folder(folder: str, option: str, value: str) -> None:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
-        raise OptionError(f"{option} {value!r}: cannot write in {folder!r} ({e.strerror})") from None
+        raise OptionError(f"{option} {value!r}: folder {folder!r} is not writable ({e.strerror})") from None
 
 
 def check_output_file(path: Any, option: str, suffixes: Iterable[str] = ()) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.nn as nn
@@ -26,6 +26,7 @@ __all__ = [
     "BlockTrace",
     "Controller",
     "Layout",
+    "ModelInfo",
     "MethodError",
     "format_method",
     "is_patched",
@@ -34,6 +35,10 @@ __all__ = [
     "restore_classes",
     "run_blocks",
     "swap_class",
+    "ReducedModule",
+    "cut_blocks",
+    "last_sizes",
+    "unpatch",
 ]
 
 
@@ -67,9 +72,7 @@ class BlockTrace:
 class Controller:
     """``model.imagepiece``: the plan of a patched model, its resolved steps and the trace.
 
-    Not an ``nn.Module``, so the model's state dict is unchanged by patching. ``limit=True``
-    runs the blocks on sequences simply cut to the plan's token counts, with no scoring or
-    selection: the fastest any implementation of the plan can be (``imagepiece bench``).
+    Not an ``nn.Module``, so the model's state dict is unchanged by patching.
     """
 
     def __init__(self, plan: ReductionPlan, depth: int, num_prefix: int, has_class_token: bool,
@@ -80,8 +83,9 @@ class Controller:
         self.family = family
         self.trace_sources = False
         self.trace_scores = False
-        self.limit = False
         self.trace: list[BlockTrace] = []
+        self.last_size: torch.Tensor | None = None  # sizes out of the last forward pass
+        self.last_tokens: int | None = None  # tokens out of the last forward pass
         self._cache: dict[int, tuple[Step, ...]] = {}
         self.plan = plan
 
@@ -120,6 +124,16 @@ class Controller:
                 f"family={self.family!r})")
 
 
+class ModelInfo(NamedTuple):
+    """What the tools need to know of a supported model, whatever its family."""
+
+    depth: int
+    image_size: tuple[int, int]
+    in_chans: int
+    num_tokens: int  # prefix + patch tokens at ``image_size``
+    patch_size: tuple[int, int]
+
+
 def is_patched(model: nn.Module) -> bool:
     return isinstance(getattr(model, "imagepiece", None), Controller)
 
@@ -131,14 +145,32 @@ def is_patched(model: nn.Module) -> bool:
 _CLASSES: dict[tuple[type, type], type] = {}
 
 
-def swap_class(module: nn.Module, mixin: type) -> None:
-    """Make ``module`` an instance of ``Reduced<Class>(mixin, Class)``, remembering the original."""
-    base = type(module)
+class ReducedModule:
+    """Base of every family's mixin: a patched module pickles (and deep-copies) as its original
+    class with the patch re-applied on load, since the made-up class cannot be found by name."""
+
+    def __reduce_ex__(self, protocol):
+        return _unpickle_patched, (type(self).__bases__[0], self._imagepiece_original_class), self.__dict__
+
+
+def _reduced_class(mixin: type, base: type) -> type:
     cls = _CLASSES.get((mixin, base))
     if cls is None:
         cls = type(f"Reduced{base.__name__}", (mixin, base), {})
         _CLASSES[(mixin, base)] = cls
-    module.__class__ = cls
+    return cls
+
+
+def _unpickle_patched(mixin: type, base: type) -> nn.Module:
+    obj = base.__new__(base)
+    obj.__class__ = _reduced_class(mixin, base)
+    return obj
+
+
+def swap_class(module: nn.Module, mixin: type) -> None:
+    """Make ``module`` an instance of ``Reduced<Class>(mixin, Class)``, remembering the original."""
+    base = type(module)
+    module.__class__ = _reduced_class(mixin, base)
     module._imagepiece_original_class = base
 
 
@@ -188,6 +220,13 @@ class _State:
     size: torch.Tensor | None  # (B, N) float32; None = all ones
     pos: torch.Tensor | None  # (B, N, 2) grid centroids, when locality or tracing needs them
     source: torch.Tensor | None  # (B, N, patches), when tracing asks
+    # Sizes as proportional attention sees them, where they differ from ``size``: with
+    # ``fused_bias=False`` EViT's fused token counts as one token there (None = ``size``).
+    bias_size: torch.Tensor | None = None
+
+    @property
+    def attn_size(self) -> torch.Tensor | None:
+        return self.size if self.bias_size is None else self.bias_size
 
 
 def _merge_state(index: ops.MergeIndex, x: torch.Tensor, st: _State) -> tuple[torch.Tensor, _State]:
@@ -196,12 +235,32 @@ def _merge_state(index: ops.MergeIndex, x: torch.Tensor, st: _State) -> tuple[to
         pos, _ = ops.merge_weighted(index, st.pos, st.size)
     x, size = ops.merge_weighted(index, x, st.size)
     source = None if st.source is None else ops.apply_merge(index, st.source, "amax")
-    return x, _State(size, pos, source)
+    bias_size = None
+    if st.bias_size is not None:
+        bias_size = ops.apply_merge(index, st.bias_size.unsqueeze(-1)).squeeze(-1)
+    return x, _State(size, pos, source, bias_size)
+
+
+def _prune_bias_size(index: ops.SelectIndex, st: _State, fuse: bool, fused_bias: bool):
+    """Attention sizes after a prune: the fused token enters attention as one token unless
+    ``fused_bias``; kept tokens keep theirs."""
+    if st.bias_size is None and (fused_bias or not fuse):
+        return None
+    base = st.attn_size
+    if base is None:
+        base = torch.ones(index.keep.shape[0], index.keep.shape[1] + index.dropped.shape[1],
+                          device=index.keep.device)
+    kept = ops.apply_select(index, base.unsqueeze(-1)).squeeze(-1)
+    if not fuse:
+        return kept
+    fused = ops.apply_select(index, base.unsqueeze(-1), "sum")[:, -1:, 0]
+    return torch.cat([kept, torch.ones_like(fused) if not fused_bias else fused], dim=1)
 
 
 def _prune_state(
-    index: ops.SelectIndex, x: torch.Tensor, st: _State, fuse: bool
+    index: ops.SelectIndex, x: torch.Tensor, st: _State, fuse: bool, fused_bias: bool = True
 ) -> tuple[torch.Tensor, _State]:
+    bias_size = _prune_bias_size(index, st, fuse, fused_bias)
     x = ops.apply_select(index, x, "weighted" if fuse else None)
     size, pos, source = st.size, st.pos, st.source
     if size is not None or fuse:
@@ -219,7 +278,7 @@ def _prune_state(
         pos = ops.apply_select(index, pos)
     if source is not None:
         source = ops.apply_select(index, source, "amax" if fuse else None)
-    return x, _State(size, pos, source)
+    return x, _State(size, pos, source, bias_size)
 
 
 def _block_step(layout: Layout, blk: nn.Module, x: torch.Tensor, st: _State, step: Step,
@@ -233,29 +292,35 @@ def _block_step(layout: Layout, blk: nn.Module, x: torch.Tensor, st: _State, ste
         x = layout.whole(blk, x)
         return x, st, BlockTrace(0, "none", step.tokens_in, step.tokens_out, st.size, st.source)
 
-    bias = ops.proportional_bias(st.size) if plan.prop_attn and st.size is not None else None
+    attn_size = st.attn_size
+    bias = ops.proportional_bias(attn_size) if plan.prop_attn and attn_size is not None else None
     x, q, k = layout.attend(blk, x, bias)
 
     scores = None
     if step.needs_scores or want_scores:
         scores = ops.class_attention(q, k, layout.scale(blk), P, ctl.has_class_token, bias)
+    # The trace holds detached tensors only, so it never keeps an autograd graph alive.
     rec = BlockTrace(0, step.kind, step.tokens_in, step.tokens_out, None,
-                     scores=scores if want_scores else None)
+                     scores=scores.detach() if want_scores else None)
     if want_scores and st.source is not None:
-        rec.patch_scores = torch.einsum("bn,bnp->bp", scores.float(), st.source[:, P:])
+        rec.patch_scores = torch.einsum("bn,bnp->bp", scores.detach(), st.source[:, P:])
+    rank = scores
+    if step.size_norm and st.size is not None:
+        rank = scores / st.size[:, P:]
 
     if step.kind == "merge":
         index = ops.bipartite_matching(k.mean(dim=1), step.r, P)
         x, st = _merge_state(index, x, st)
-        rec.merged_similarity = index.similarity
+        rec.merged_similarity = index.similarity.detach()
     elif step.kind == "retokenize":
         index = ops.retokenize_matching(
-            k.mean(dim=1), scores, P, step.m, step.r, st.pos, step.locality, extent
+            k.mean(dim=1), rank, P, step.m, step.r, st.pos, step.locality, extent, step.pairs_only
         )
         x, st = _merge_state(index, x, st)
-        rec.merged_similarity = index.similarity
+        rec.merged_similarity = index.similarity.detach()
     elif step.kind == "prune":
-        x, st = _prune_state(ops.prune_select(scores, P, step.k), x, st, step.fuse)
+        index = ops.prune_select(rank, P, step.k, weights=scores)
+        x, st = _prune_state(index, x, st, step.fuse, plan.fused_bias)
         rec.fused = step.fuse
 
     x = layout.mlp(blk, x)
@@ -263,13 +328,25 @@ def _block_step(layout: Layout, blk: nn.Module, x: torch.Tensor, st: _State, ste
     return x, st, rec
 
 
-def _cut_blocks(layout: Layout, blocks: Sequence[nn.Module], x: torch.Tensor,
-                steps: Sequence[Step]) -> torch.Tensor:
-    """The limit: each block on a sequence already cut to the plan's counts, no selection."""
-    for blk, step in zip(blocks, steps, strict=True):
-        x = x[:, :step.tokens_in]
-        x, _, _ = layout.attend(blk, x, None)
-        x = layout.mlp(blk, x[:, :step.tokens_out])
+def _cut_block(layout: Layout, blk: nn.Module, x: torch.Tensor, n_in: int, n_out: int) -> torch.Tensor:
+    if x.shape[1] != n_in:
+        x = x[:, :n_in]
+    x, _, _ = layout.attend(blk, x, None)
+    if n_out != n_in:
+        x = x[:, :n_out]
+    return layout.mlp(blk, x)
+
+
+def cut_blocks(layout: Layout, blocks: Sequence[nn.Module], x: torch.Tensor,
+               tokens: Sequence[tuple[int, int]], checkpointing: bool = False) -> torch.Tensor:
+    """The limit of a plan: each block on a sequence simply cut to the plan's (entering,
+    leaving) token counts, with no scoring or selection; the fastest any implementation of
+    the plan can be (``imagepiece bench``)."""
+    for blk, (n_in, n_out) in zip(blocks, tokens, strict=True):
+        if checkpointing:
+            x = checkpoint(_cut_block, layout, blk, x, n_in, n_out, use_reentrant=False)
+        else:
+            x = _cut_block(layout, blk, x, n_in, n_out)
     return x
 
 
@@ -278,11 +355,10 @@ def run_blocks(layout: Layout, blocks: Sequence[nn.Module], x: torch.Tensor, gri
     """Run ``blocks`` on tokens ``(B, prefix + grid patches, C)`` under ``ctl``'s plan.
 
     Returns the tokens and their sizes (``None`` while all are 1) and, outside compilation,
-    leaves the trace in ``ctl.trace``.
+    leaves the trace in ``ctl.trace`` and the output sizes in ``ctl.last_size`` (for APIs that
+    pool in a second call, such as timm's ``forward_head(forward_features(x))``).
     """
     steps = ctl.steps(x.shape[1])
-    if ctl.limit:
-        return _cut_blocks(layout, blocks, x, steps), None
     P = ctl.num_prefix
     tracing = not torch.compiler.is_compiling()
     want_sources = tracing and ctl.trace_sources
@@ -307,8 +383,30 @@ def run_blocks(layout: Layout, blocks: Sequence[nn.Module], x: torch.Tensor, gri
             rec.block = i
             trace.append(rec)
     if tracing:
-        ctl.trace = trace
+        ctl.trace, ctl.last_size, ctl.last_tokens = trace, st.size, x.shape[1]
     return x, st.size
+
+
+def last_sizes(ctl: Controller, x: torch.Tensor) -> torch.Tensor | None:
+    """Sizes of the tokens ``x`` for a pooling call made after the forward pass: those of the
+    last pass when they fit ``x``; ``None`` when every token is one patch."""
+    size = ctl.last_size
+    if size is not None and tuple(size.shape) == tuple(x.shape[:2]):
+        return size
+    if size is None and ctl.last_tokens in (None, x.shape[1]):
+        return None
+    raise ValueError(
+        f"got {x.shape[1]} tokens whose sizes are unknown; on a token-reduced model pool the "
+        "output of the forward pass on the same input (e.g. forward_head(forward_features(x))), "
+        "or call model(x)"
+    )
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore the original classes; the model behaves exactly as before patching."""
+    if is_patched(model):
+        restore_classes(model)
+    return model
 
 
 def pool_patches(x: torch.Tensor, size: torch.Tensor | None, num_prefix: int) -> torch.Tensor:

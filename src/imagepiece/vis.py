@@ -19,11 +19,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .analysis import AnalysisError, apply_method, input_size
+from .analysis import AnalysisError, apply_method, input_size, model_device
 from .checkpoint import atomic_write
+from .patch import describe
 
-__all__ = ["MethodView", "VisError", "contact_sheet", "load_image", "render_figure", "trace_image",
-           "visualize"]
+__all__ = ["MethodView", "VisError", "contact_sheet", "load_image", "output_paths", "render_figure",
+           "trace_image", "visualize"]
 
 FUSED_TINT = np.array([0.85, 0.15, 0.75])
 GREY = np.array([0.82, 0.82, 0.82])
@@ -91,7 +92,7 @@ def trace_image(model: nn.Module, x: torch.Tensor, method: str, blocks: Sequence
     ctl.record(sources=True, scores=True)
     try:
         with torch.inference_mode():
-            model(x)
+            model(x.to(model_device(model)))
     except (RuntimeError, ValueError) as e:
         raise VisError(f"method {method!r} failed on this model: {e}") from None
     finally:
@@ -101,7 +102,7 @@ def trace_image(model: nn.Module, x: torch.Tensor, method: str, blocks: Sequence
     fused_set = np.zeros(gh * gw, dtype=bool)
     views = []
     for i, t in enumerate(trace):
-        src = t.source[0].float().numpy() > 0.5  # (N_out, patches)
+        src = t.source[0].float().cpu().numpy() > 0.5  # (N_out, patches)
         if fused_set.any():  # follow earlier fused tokens (kept or merged later) to their tokens
             rows = src[:, fused_set].any(axis=1)
             fused_set = src[rows].any(axis=0) if rows.any() else np.zeros_like(fused_set)
@@ -112,25 +113,26 @@ def trace_image(model: nn.Module, x: torch.Tensor, method: str, blocks: Sequence
         labels = np.full(gh * gw, -1)
         for j in range(src.shape[0]):
             labels[src[j]] = j
-        att = None if t.patch_scores is None else t.patch_scores[0].float().numpy().reshape(gh, gw)
+        att = None if t.patch_scores is None else t.patch_scores[0].float().cpu().numpy().reshape(gh, gw)
         views.append(BlockView(i, t.kind, t.tokens_in, t.tokens_out, labels.reshape(gh, gw),
                                fused_set.reshape(gh, gw).copy(), att))
     return MethodView(method, views)
 
 
 def _grid(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
-    ph, pw = model.patch_embed.patch_size
+    ph, pw = describe(model).patch_size
     return x.shape[-2] // ph, x.shape[-1] // pw
 
 
 def default_blocks(model: nn.Module, methods: Sequence[str], limit: int = 4) -> list[int]:
     """The blocks where the methods reduce tokens (at most ``limit``, spread out), else the last."""
     found: set[int] = set()
+    info = describe(model)
     for m in methods:
         apply_method(model, m)
-        steps = model.imagepiece.steps(model.patch_embed.num_patches + model.num_prefix_tokens)
+        steps = model.imagepiece.steps(info.num_tokens)
         found |= {i for i, s in enumerate(steps) if s.kind != "none"}
-    blocks = sorted(found) or [len(model.blocks) - 1]
+    blocks = sorted(found) or [info.depth - 1]
     if len(blocks) > limit:
         idx = np.linspace(0, len(blocks) - 1, limit).round().astype(int)
         blocks = [blocks[i] for i in sorted(set(idx.tolist()))]
@@ -256,13 +258,14 @@ def visualize(model: nn.Module, images: Sequence[str], methods: Sequence[str], o
               blocks: Sequence[int] | None = None) -> list[str]:
     """Write one PNG per image (and ``contact_sheet.png`` for several); returns the paths.
 
-    ``out`` is a folder, or a ``.png`` file name when there is a single image. Every image and
-    method is checked before anything is written.
+    ``out`` is a folder, or a ``.png`` file name when there is a single image. Every image,
+    method and output path is checked before anything is written.
     """
     if not images:
         raise VisError("no image given")
     if not methods:
         raise VisError("no method given; e.g. --method tome --method evit --method imagepiece")
+    targets = output_paths(images, out)
     size = input_size(model)
     cfg: dict[str, Any] = getattr(model, "pretrained_cfg", None) or {}
     mean, std = cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
@@ -270,25 +273,42 @@ def visualize(model: nn.Module, images: Sequence[str], methods: Sequence[str], o
     for m in methods:
         apply_method(model, m)
     blocks = list(blocks) if blocks else default_blocks(model, methods)
-    single = len(images) == 1 and out.lower().endswith(".png")
-    rendered = []
-    for path, arr, x in loaded:
-        views = [trace_image(model, x, m, blocks) for m in methods]
-        rendered.append((path, arr, views))
+    rendered = [(path, arr, [trace_image(model, x, m, blocks) for m in methods]) for path, arr, x in loaded]
     written = []
-    for path, arr, views in rendered:
-        stem = os.path.splitext(os.path.basename(path))[0]
-        target = out if single else os.path.join(out, f"{stem}.png")
-        if target in written:
-            raise VisError(f"two images would both be written to {target!r}; rename one")
+    for (path, arr, views), target in zip(rendered, targets, strict=False):
         atomic_write(target, lambda tmp, a=arr, v=views, n=os.path.basename(path):
                      render_figure(a, v, tmp, title=n))
         written.append(target)
-    if len(written) > 1:
-        sheet = os.path.join(out, "contact_sheet.png")
-        contact_sheet(written, sheet)
-        written.append(sheet)
+    if len(targets) > len(images):
+        contact_sheet(written, targets[-1])
+        written.append(targets[-1])
     return written
+
+
+def output_paths(images: Sequence[str], out: str) -> list[str]:
+    """The file each image's figure goes to (then ``contact_sheet.png`` for several images),
+    checked to be writable and distinct before any work: two inputs ``a/x.png`` and ``b/x.jpg``
+    would otherwise overwrite one another's figure."""
+    from .options import OptionError, check_output_dir, check_output_file
+
+    try:
+        if len(images) == 1 and out.lower().endswith(".png"):
+            return [check_output_file(out, "--out")]
+        check_output_dir(out, "--out")
+    except OptionError as e:
+        raise VisError(str(e)) from None
+    targets = [os.path.join(out, f"{os.path.splitext(os.path.basename(p))[0]}.png") for p in images]
+    if len(images) > 1:
+        targets.append(os.path.join(out, "contact_sheet.png"))
+    seen: dict[str, str] = {}
+    for image, target in zip(list(images) + ["the contact sheet"], targets, strict=False):
+        if target in seen:
+            raise VisError(f"{seen[target]!r} and {image!r} would both be written to {target!r}; "
+                           "rename one")
+        if os.path.isdir(target):
+            raise VisError(f"--out: {target!r} is a folder, where the figure of {image!r} goes")
+        seen[target] = image
+    return targets
 
 
 def fashion_examples(folder: str, count: int = 4, root: str | None = None) -> list[str]:

@@ -9,6 +9,7 @@ patch tokens (DINOv2 classifiers) weight them by size. Weights and parameter nam
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -17,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..plan import ReductionPlan, make_plan
-from ..runtime import Controller, pool_patches, run_blocks, swap_class
+from ..runtime import Controller, ModelInfo, ReducedModule, cut_blocks, pool_patches, run_blocks, swap_class
 
 MIN_VERSION = "5.18"
 INSTALL_HINT = (f'transformers models need the "hf" extra: pip install "imagepiece[hf]" '
@@ -30,7 +31,7 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError(INSTALL_HINT) from e
 
-__all__ = ["ReducedOutput", "SUPPORTED", "describe", "load_pretrained", "patch"]
+__all__ = ["ReducedOutput", "SUPPORTED", "describe", "limit_forward", "load_pretrained", "patch"]
 
 SUPPORTED = (
     f"transformers (>= {MIN_VERSION}) ViTModel, ViTForImageClassification, DeiTModel, "
@@ -131,81 +132,83 @@ def _reject(bool_masked_pos, attention_mask, kwargs: dict) -> None:
                          "change between layers); read model.imagepiece.trace instead")
 
 
-class _ReducedTower:
-    """Shared by the tower mixins: run the layers under the controller's plan."""
+class _Kind(NamedTuple):
+    """One tower class: its layer layout, where its layers are, its embedding and its ending."""
+
+    layout: _Layout
+    layers: Callable[[nn.Module], nn.ModuleList]
+    embed: Callable[[nn.Module, torch.Tensor, bool], torch.Tensor]  # (tower, images, interpolate)
+    finish: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def _vit_finish(tower: nn.Module, x: torch.Tensor):
+    x = tower.layernorm(x)
+    return x, tower.pooler(x) if tower.pooler is not None else None
+
+
+def _dino_finish(tower: nn.Module, x: torch.Tensor):
+    x = tower.layernorm(x)
+    return x, x[:, 0]
+
+
+_VIT = _Kind(_VIT_LAYOUT, lambda t: t.layers,
+             lambda t, images, interp: t.embeddings(images, interpolate_pos_encoding=interp),
+             _vit_finish)
+_DINO = _Kind(_DINO_LAYOUT, lambda t: t.encoder.layer, lambda t, images, interp: t.embeddings(images),
+              _dino_finish)
+_CLIP = _Kind(_CLIP_LAYOUT, lambda t: t.encoder.layers,
+              lambda t, images, interp: t.pre_layrnorm(t.embeddings(images, interpolate_pos_encoding=interp)),
+              lambda t, x: (x, t.post_layernorm(x[:, 0])))
+
+
+def _embed(tower: nn.Module, kind: _Kind, images: torch.Tensor, interpolate: bool | None) -> torch.Tensor:
+    images = images.to(next(tower.embeddings.parameters()).dtype)
+    return kind.embed(tower, images, bool(interpolate))
+
+
+def _checkpointing(tower: nn.Module, layers: nn.ModuleList) -> bool:
+    return (tower.training and torch.is_grad_enabled()
+            and any(getattr(layer, "gradient_checkpointing", False) for layer in layers))
+
+
+class _ReducedTower(ReducedModule):
+    """The tower's forward: its embedding, the layers through the runtime, its ending."""
 
     imagepiece: Controller
-    _layout: _Layout
-
-    def _layers(self) -> nn.ModuleList:
-        raise NotImplementedError
-
-    def _run(self, x: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        layers = self._layers()
-        checkpointing = (self.training and torch.is_grad_enabled()
-                         and any(getattr(layer, "gradient_checkpointing", False) for layer in layers))
-        return run_blocks(self._layout, layers, x, _grid(self.config, images), self.imagepiece,
-                          checkpointing)
-
-
-class _ReducedViTModel(_ReducedTower):
-    """ViTModel / DeiTModel: ``layers``, final ``layernorm``, optional ``pooler``."""
-
-    _layout = _VIT_LAYOUT
-
-    def _layers(self) -> nn.ModuleList:
-        return self.layers
+    _kind: _Kind
 
     @can_return_tuple
     def forward(self, pixel_values: torch.Tensor, bool_masked_pos=None, interpolate_pos_encoding=None,
                 attention_mask=None, **kwargs) -> ReducedOutput:
         _reject(bool_masked_pos, attention_mask, kwargs)
-        pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
-        x = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
-        x, size = self._run(x, pixel_values)
-        x = self.layernorm(x)
-        pooled = self.pooler(x) if self.pooler is not None else None
+        kind = self._kind
+        x = _embed(self, kind, pixel_values, interpolate_pos_encoding)
+        layers = kind.layers(self)
+        x, size = run_blocks(kind.layout, layers, x, _grid(self.config, pixel_values), self.imagepiece,
+                             _checkpointing(self, layers))
+        x, pooled = kind.finish(self, x)
         return ReducedOutput(last_hidden_state=x, pooler_output=pooled, token_sizes=size)
+
+
+class _ReducedViTModel(_ReducedTower):
+    """ViTModel / DeiTModel: ``layers``, final ``layernorm``, optional ``pooler``."""
+
+    _kind = _VIT
 
 
 class _ReducedDinov2Model(_ReducedTower):
     """Dinov2Model / Dinov2WithRegistersModel: ``encoder.layer``, ``layernorm``, class-token pool."""
 
-    _layout = _DINO_LAYOUT
-
-    def _layers(self) -> nn.ModuleList:
-        return self.encoder.layer
-
-    @can_return_tuple
-    def forward(self, pixel_values: torch.Tensor, bool_masked_pos=None, attention_mask=None,
-                **kwargs) -> ReducedOutput:
-        _reject(bool_masked_pos, attention_mask, kwargs)
-        x = self.embeddings(pixel_values)
-        x, size = self._run(x, pixel_values)
-        x = self.layernorm(x)
-        return ReducedOutput(last_hidden_state=x, pooler_output=x[:, 0], token_sizes=size)
+    _kind = _DINO
 
 
 class _ReducedCLIPVision(_ReducedTower):
     """CLIPVisionModel: ``pre_layrnorm``, ``encoder.layers``, ``post_layernorm`` on the class token."""
 
-    _layout = _CLIP_LAYOUT
-
-    def _layers(self) -> nn.ModuleList:
-        return self.encoder.layers
-
-    @can_return_tuple
-    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | None = False,
-                attention_mask=None, **kwargs) -> ReducedOutput:
-        _reject(None, attention_mask, kwargs)
-        x = self.pre_layrnorm(self.embeddings(pixel_values, interpolate_pos_encoding=bool(
-            interpolate_pos_encoding)))
-        x, size = self._run(x, pixel_values)
-        return ReducedOutput(last_hidden_state=x, pooler_output=self.post_layernorm(x[:, 0]),
-                             token_sizes=size)
+    _kind = _CLIP
 
 
-class _ReducedDinov2Classifier:
+class _ReducedDinov2Classifier(ReducedModule):
     """DINOv2 classifiers: [class token | size-weighted mean of the patch tokens] -> linear."""
 
     imagepiece: Controller
@@ -245,18 +248,22 @@ _TOWERS: dict[str, _Tower] = {
 _TOWER_CLASSES = {"ViTModel", "DeiTModel", "Dinov2Model", "Dinov2WithRegistersModel", "CLIPVisionModel"}
 
 
+def _unpatched_class(module: nn.Module) -> type:
+    return module.__dict__.get("_imagepiece_original_class", type(module))
+
+
 def _tower(model: nn.Module) -> tuple[nn.Module, _Tower]:
     """The tower of a supported model, checked layer by layer; ``TypeError`` otherwise."""
-    name = type(model).__name__
+    cls = _unpatched_class(model)
+    name = cls.__name__
     spec = _TOWERS.get(name)
-    if spec is None or not type(model).__module__.startswith("transformers."):
+    if spec is None or not cls.__module__.startswith("transformers."):
         raise TypeError(f"{name} is not supported; supported: {SUPPORTED}")
     tower = getattr(model, spec.attr) if spec.attr else model
-    if type(tower).__name__ not in _TOWER_CLASSES:
+    if _unpatched_class(tower).__name__ not in _TOWER_CLASSES:
         raise TypeError(f"{name}.{spec.attr} is {type(tower).__name__}; supported: {SUPPORTED}")
-    layers = tower._layers() if isinstance(tower, _ReducedTower) else spec.mixin._layers(tower)
-    for i, layer in enumerate(layers):
-        attn = getattr(layer, spec.mixin._layout.attn, None)
+    for i, layer in enumerate(spec.mixin._kind.layers(tower)):
+        attn = getattr(layer, spec.mixin._kind.layout.attn, None)
         if not all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "head_dim")):
             raise TypeError(f"layer {i} of {name} has no q_proj/k_proj/v_proj attention (transformers "
                             f"older than {MIN_VERSION}?); supported: {SUPPORTED}")
@@ -272,7 +279,7 @@ def _num_prefix(tower: nn.Module) -> int:
 def patch(model: nn.Module, plan: str | ReductionPlan | None = "imagepiece", **knobs: Any) -> nn.Module:
     """Apply a reduction plan to an unpatched transformers model in place and return it."""
     tower, spec = _tower(model)
-    depth = len(spec.mixin._layers(tower))
+    depth = len(spec.mixin._kind.layers(tower))
     ctl = Controller(make_plan(plan, depth, **knobs), depth=depth, num_prefix=_num_prefix(tower),
                      has_class_token=True, family="transformers")
     swap_class(tower, spec.mixin)
@@ -283,13 +290,6 @@ def patch(model: nn.Module, plan: str | ReductionPlan | None = "imagepiece", **k
     return model
 
 
-class ModelInfo(NamedTuple):
-    depth: int
-    image_size: tuple[int, int]
-    in_chans: int
-    num_tokens: int  # prefix + patch tokens at ``image_size``
-
-
 def describe(model: nn.Module) -> ModelInfo:
     """Depth, native input size and token count of a supported model (for the tools)."""
     tower, spec = _tower(model)
@@ -297,7 +297,20 @@ def describe(model: nn.Module) -> ModelInfo:
     size = cfg.image_size
     hw = (size, size) if isinstance(size, int) else tuple(size)
     gh, gw = _grid(cfg, torch.empty(0, 0, *hw))
-    return ModelInfo(len(spec.mixin._layers(tower)), hw, cfg.num_channels, _num_prefix(tower) + gh * gw)
+    return ModelInfo(len(spec.mixin._kind.layers(tower)), hw, cfg.num_channels, _num_prefix(tower) + gh * gw,
+                     (hw[0] // gh, hw[1] // gw))
+
+
+def limit_forward(model: nn.Module, images: torch.Tensor, tokens: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """The limit of a plan on an unpatched model: its tower with the layers on sequences cut to
+    ``tokens``; returns the tower's pooled output (the classifier, one linear layer, is left out)."""
+    tower, spec = _tower(model)
+    kind = spec.mixin._kind
+    x = _embed(tower, kind, images, False)
+    layers = kind.layers(tower)
+    x = cut_blocks(kind.layout, layers, x, tokens, _checkpointing(tower, layers))
+    x, pooled = kind.finish(tower, x)
+    return x[:, 0] if pooled is None else pooled
 
 
 def load_pretrained(path: str) -> nn.Module:
