@@ -157,3 +157,27 @@ def test_evaluation_does_not_import_training():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_shipped_table_fits_80_columns():
+    """`imagepiece eval` with no options: one table line per model in an 80-column terminal,
+    whatever the length of the plans' specs (listed under the table)."""
+    import io
+
+    from rich.console import Console
+
+    from imagepiece.evaluate import render_shipped
+
+    rows = [dict(model=m, method=spec, top1=90.123, top5=99.9, card_top1=90.1, gmacs=0.0226,
+                 images_per_s=1715.2, speedup=1.0)
+            for m, spec in [("baseline", "none"),
+                            ("imagepiece", "imagepiece:merge_share=0.25,locality=0.1,budget=compound")]]
+    result = dict(split="test", images=10000, source="Debian package dataset-fashion-mnist",
+                  root="/usr/share/datasets/fashion-mnist", results=rows, device="cpu", threads=2,
+                  batch=256)
+    out = io.StringIO()
+    render_shipped(result, Console(file=out, width=80))
+    lines = out.getvalue().splitlines()
+    assert all(len(line) <= 80 for line in lines)
+    assert sum(line.startswith("│ ") for line in lines) == 2  # one line per model
+    assert any("budget=compound" in line for line in lines)

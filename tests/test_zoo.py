@@ -79,3 +79,17 @@ def test_visualize_with_no_model_uses_the_shipped_imagepiece(tmp_path):
     assert len(list((tmp_path / "inputs").glob("*.png"))) == 4
     res = CliRunner().invoke(app, ["visualize", "--model", "vit_tiny_patch16_224", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "no image given" in res.output
+
+
+def test_input_size_comes_from_the_card():
+    """The next study's models are 28 px: the size is read from each card, never assumed."""
+    from imagepiece.zoo import ShippedModel, ZooError, shared_img_size
+
+    def card(name, size):
+        return ShippedModel(name, f"{name}.safetensors", "vit_tiny_patch16_224", {"img_size": size},
+                            "none", {})
+
+    assert shared_img_size({"a": card("a", 28), "b": card("b", 28)}) == 28
+    assert shared_img_size(zoo.shipped_models()) == 32
+    with pytest.raises(ZooError, match="disagree"):
+        shared_img_size({"a": card("a", 28), "b": card("b", 32)})

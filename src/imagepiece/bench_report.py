@@ -10,6 +10,8 @@ import math
 import os
 from typing import Any
 
+from .options import json_safe
+
 __all__ = ["NOISY_IQR", "output_problem", "render", "write_csv", "write_json", "write_plot"]
 
 #: An img/s interquartile range wider than this share of the median is flagged as noisy.
@@ -48,13 +50,12 @@ def output_problem(path: str, option: str) -> str | None:
         if ext not in formats:
             return (f"{option} {path!r} has an unsupported extension {repr('.' + ext) if ext else '(none)'}; "
                     f"allowed: {', '.join('.' + f for f in formats)}")
-    folder = os.path.dirname(full)
-    while not os.path.lexists(folder):
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder):
-        return f"{option} {path!r}: {folder!r} is a file, not a folder"
-    if not os.access(folder, os.W_OK | os.X_OK):
-        return f"{option} {path!r}: the folder {folder!r} is not writable"
+    from .options import OptionError, check_output_file
+
+    try:
+        check_output_file(path, option)
+    except OptionError as e:
+        return str(e)
     return None
 
 
@@ -68,20 +69,9 @@ def write_json(result: Any, path: str) -> None:
 
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
-            json.dump(_finite(result.as_dict()), f, indent=2)
+            json.dump(json_safe(result.as_dict()), f, indent=2, allow_nan=False)
 
     atomic_write(path, write)
-
-
-def _finite(obj: Any) -> Any:
-    """NaN and infinities become null: the file stays valid JSON."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def write_csv(result: Any, path: str) -> None:
@@ -188,43 +178,39 @@ def _prep_title(backend: str) -> str | None:
     return {"compile": "compile s", "onnxruntime": "export s"}.get(backend)
 
 
-def _throughput_table(title: str, vs: list, backend: str):
+def _table(title: str, cols: list[str], rows: list[list[str]], vs: list, backend: str):
+    """A rich table of ``cols`` plus the preparation-time and failure columns when they apply."""
     from rich.table import Table
 
-    cols = ["variant", "GMACs", "tokens out", "img/s", "img/s IQR", "speed-up", "per-round", "best",
-            "limit img/s", "limit x", "efficiency", "eff. best", "peak MiB"]
     prep = _prep_title(backend)
     t = Table(title=title)
     for col in cols + ([prep] if prep else []) + (["failed"] if any(v.error for v in vs) else []):
         t.add_column(col, justify="left" if col in ("variant", "failed") else "right",
                      no_wrap=col == "variant")
-    for v in vs:
-        row = [v.label, _gmacs(v.gmacs), str(v.final_tokens), _fmt(v.ips_median, ".1f"),
-               _iqr(v), _fmt(v.speedup, ".2f", "x"), _fmt(v.speedup_rounds, ".2f", "x"),
-               _fmt(v.speedup_best, ".2f", "x"), _fmt(v.limit_ips_median, ".1f"),
-               _fmt(v.limit_speedup, ".2f"), _fmt(v.efficiency, ".3f"),
-               _fmt(v.efficiency_best, ".3f"), _fmt(v.peak_mem_mib, ".0f")]
+    for row, v in zip(rows, vs, strict=True):
         t.add_row(*_extra(row, v, vs, prep))
     return t
+
+
+def _throughput_table(title: str, vs: list, backend: str):
+    cols = ["variant", "GMACs", "tokens out", "img/s", "img/s IQR", "speed-up", "per-round", "best",
+            "limit img/s", "limit x", "efficiency", "eff. best", "peak MiB"]
+    rows = [[v.label, _gmacs(v.gmacs), str(v.final_tokens), _fmt(v.ips_median, ".1f"),
+             _iqr(v), _fmt(v.speedup, ".2f", "x"), _fmt(v.speedup_rounds, ".2f", "x"),
+             _fmt(v.speedup_best, ".2f", "x"), _fmt(v.limit_ips_median, ".1f"),
+             _fmt(v.limit_speedup, ".2f"), _fmt(v.efficiency, ".3f"),
+             _fmt(v.efficiency_best, ".3f"), _fmt(v.peak_mem_mib, ".0f")] for v in vs]
+    return _table(title, cols, rows, vs, backend)
 
 
 def _latency_table(title: str, vs: list, backend: str):
-    from rich.table import Table
-
     cols = ["variant", "GMACs", "tokens out", "p50 ms", "p90 ms", "p99 ms", "speed-up (p50)",
             "limit p50 ms", "reduction share", "peak MiB"]
-    prep = _prep_title(backend)
-    t = Table(title=title)
-    for col in cols + ([prep] if prep else []) + (["failed"] if any(v.error for v in vs) else []):
-        t.add_column(col, justify="left" if col in ("variant", "failed") else "right",
-                     no_wrap=col == "variant")
-    for v in vs:
-        row = [v.label, _gmacs(v.gmacs), str(v.final_tokens), _fmt(v.ms_p50, ".2f"),
-               _fmt(v.ms_p90, ".2f"), _fmt(v.ms_p99, ".2f"), _fmt(v.speedup, ".2f", "x"),
-               _fmt(v.limit_ms_p50, ".2f"), _fmt(v.reduction_share, ".0%"),
-               _fmt(v.peak_mem_mib, ".0f")]
-        t.add_row(*_extra(row, v, vs, prep))
-    return t
+    rows = [[v.label, _gmacs(v.gmacs), str(v.final_tokens), _fmt(v.ms_p50, ".2f"),
+             _fmt(v.ms_p90, ".2f"), _fmt(v.ms_p99, ".2f"), _fmt(v.speedup, ".2f", "x"),
+             _fmt(v.limit_ms_p50, ".2f"), _fmt(v.reduction_share, ".0%"),
+             _fmt(v.peak_mem_mib, ".0f")] for v in vs]
+    return _table(title, cols, rows, vs, backend)
 
 
 def _gmacs(g: float) -> str:

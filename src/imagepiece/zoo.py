@@ -36,6 +36,19 @@ class ShippedModel:
     def path(self) -> str:
         return os.path.join(ASSET_DIR, self.file)
 
+    @property
+    def img_size(self) -> int:
+        """The square input size the model was trained at (Fashion-MNIST upscaled or native)."""
+        return int(self.model_kwargs.get("img_size", self.card.get("img_size", 32)))
+
+
+def shared_img_size(models: dict[str, ShippedModel]) -> int:
+    """The one input size of all shipped models (they are evaluated on the same images)."""
+    sizes = {m.img_size for m in models.values()}
+    if len(sizes) != 1:
+        raise ZooError(f"shipped models disagree on the input size: {sorted(sizes)}")
+    return sizes.pop()
+
 
 def shipped_models(asset_dir: str = ASSET_DIR) -> dict[str, ShippedModel]:
     """Name -> :class:`ShippedModel`, in the order of the card file."""
@@ -68,7 +81,8 @@ def load_shipped(name: str = "imagepiece", patched: bool = True) -> nn.Module:
     if name not in models:
         raise ZooError(f"unknown shipped model {name!r}; allowed: {', '.join(models)}")
     m = models[name]
-    overlay = dict(mean=FASHION_MEAN, std=FASHION_STD, input_size=(3, 32, 32), crop_pct=1.0)
+    size = m.img_size
+    overlay = dict(mean=FASHION_MEAN, std=FASHION_STD, input_size=(3, size, size), crop_pct=1.0)
     model = timm.create_model(m.model, pretrained_cfg_overlay=overlay, **m.model_kwargs)
     load_weights(model, m.path, strict=True, adapt=False)
     use_method(model, m.method if patched else "none", registered=m.model.startswith("imagepiece_"))

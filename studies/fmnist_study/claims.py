@@ -1,0 +1,226 @@
+"""The paper's claims, one by one, with a verdict from this study's numbers.
+
+Verdicts (``verdict``): a difference ``d`` between two accuracies with standard error ``se``
+(from the seed spreads; a single-seed row borrows the std of the row it is compared with) is
+*agrees* when ``d > 2 se`` (and, for a claimed size ``c``, ``d >= c - 2 se``), *agrees in
+direction, smaller* when ``2 se < d < c - 2 se``, *within noise* when ``|d| <= 2 se`` and
+*disagrees* when ``d < -2 se``. Masking accuracies use the binomial standard error of the
+images used; speed ratios use the run's noise floor (the largest difference between two
+timed rows of identical architecture and plan); shares and similarities (one seed, no spread)
+use fixed bands: 0.01 for attentiveness shares, 0.02 for similarities, 0.05 for Table 7 shares.
+A claim whose rows are not finished yet is *pending*; one this set-up cannot test says so.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .report import group_stats, interpolate, noise_near
+
+FT, CTRL = "fine-tuned", "control"
+
+
+def verdict(diff: float | None, se: float, claimed: float = 0.0) -> str:
+    if diff is None or math.isnan(diff):
+        return "pending"
+    band = 2 * (0.0 if math.isnan(se) else se)
+    if diff < -band:
+        return "disagrees"
+    if abs(diff) <= band:
+        return "within noise"
+    if claimed > 0 and diff < claimed - band:
+        return "agrees in direction, smaller"
+    return "agrees"
+
+
+def fmt(s: dict[str, Any] | None) -> str:
+    if s is None:
+        return "pending"
+    return f"{s['mean']:.2f} ± {s['std']:.2f} (n={s['n']})" if s["n"] > 1 else f"{s['mean']:.2f} (n=1)"
+
+
+def se_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
+    sa = a["std"] if a["n"] > 1 else b["std"]
+    sb = b["std"] if b["n"] > 1 else a["std"]
+    return math.sqrt(sa**2 / a["n"] + sb**2 / b["n"])
+
+
+def claim(cid: str, paper: str, here: str, v: str) -> dict[str, str]:
+    return {"claim": cid, "paper": paper, "here": here, "verdict": v}
+
+
+def compare(cid: str, paper: str, a: dict | None, b: dict | None, names: tuple[str, str],
+            claimed: float = 0.0) -> dict[str, str]:
+    if a is None or b is None:
+        return claim(cid, paper, f"{names[0]} {fmt(a)} vs {names[1]} {fmt(b)}", "pending")
+    d, se = a["mean"] - b["mean"], se_diff(a, b)
+    here = f"{names[0]} {fmt(a)} vs {names[1]} {fmt(b)}: {d:+.2f} (2 se {2 * se:.2f})"
+    return claim(cid, paper, here, verdict(d, se, claimed))
+
+
+def accuracy_claims(S: dict[str, Any]) -> list[dict[str, str]]:
+    t = S["table"]
+    ip, ev = group_stats(t, FT, "imagepiece", "k07"), group_stats(t, FT, "evit", "k07")
+    tome = group_stats(t, FT, "tome", "k07")
+    return [
+        compare("Table 1: ImagePiece >= EViT at keep 0.7", "80.22 vs 79.37", ip, ev, ("ImagePiece", "EViT")),
+        compare("Table 1: ImagePiece at keep 0.7 >= the unreduced model", "80.22 vs 79.83", ip,
+                group_stats(t, CTRL, "baseline-finetuned", "-"), ("ImagePiece", "baseline + fine-tune")),
+        compare("Table 2/9: ImagePiece+ToMe >= ToMe (r matched to keep 0.7)", "80.08 vs 79.36",
+                group_stats(t, CTRL, "imagepiece+tome", "k07"), tome, ("ImagePiece+ToMe", "ToMe")),
+        compare("Table 8: local coherence adds accuracy", "80.22 vs 79.81 (+0.41)", ip,
+                group_stats(t, CTRL, "imagepiece-nocoherence", "k07"), ("with", "without")),
+        compare("Control: EViT with ImagePiece's coherence branch (no paper claim)", "-",
+                group_stats(t, CTRL, "evit+coherence", "k07"), ev, ("EViT+coherence", "EViT")),
+        compare("Paper's setting: coherence stem from scratch vs residual branch fine-tuned (no claim)", "-",
+                group_stats(t, CTRL, "imagepiece-stem", "k07"), ip, ("stem", "residual")),
+    ]
+
+
+def _matched_claim(S: dict[str, Any], r: float, axis: str, claimed: float, paper: str) -> dict[str, str]:
+    rec = {m["method"]: m for m in S["matched"] if m["kind"] == FT}
+    col = f"top1_at_{r:g}x_{axis}"
+    a, b = rec.get("imagepiece", {}).get(col), rec.get("evit", {}).get(col)
+    what = f"Figure 3: ImagePiece vs EViT at {r:g}x {'fewer GMACs' if axis == 'gmacs' else 'images/s'}"
+    if a is None or b is None:
+        return claim(what, paper, "pending or outside a curve's range", "pending")
+    base = S["base_gmacs"] / r
+    se = math.hypot(*(noise_near(S["curve"], FT, m, base) / math.sqrt(S["seeds"])
+                      for m in ("imagepiece", "evit")))
+    here = f"{a:.2f} vs {b:.2f}: {a - b:+.2f} (2 se {2 * se:.2f})"
+    return claim(what, paper, here, verdict(a - b, se, claimed))
+
+
+def compute_claims(S: dict[str, Any]) -> list[dict[str, str]]:
+    return [
+        *accuracy_claims(S),
+        speed_claim(S),
+        _matched_claim(S, 1.5, "gmacs", 0.0, "80.0 vs 78.7 at 1.73x images/s"),
+        _matched_claim(S, 2.5, "gmacs", 8.0, "74.5 vs 66.5 at 2.44x images/s (> 8 points)"),
+        _matched_claim(S, 2.5, "speed", 8.0, "74.5 vs 66.5 at 2.44x images/s (> 8 points)"),
+        same_accuracy_claim(S),
+        masking_claim(S),
+        attentiveness_claim(S),
+        similarity_claim(S),
+        coherence_similarity_claim(S),
+        important_claim(S),
+        claim("ImageNet-1k, DeiT-S/Ti, DynamicViT rows, RTX 3090 throughput", "Tables 1-3",
+              "other data, models and hardware", "not testable here"),
+    ]
+
+
+def speed_claim(S: dict[str, Any]) -> dict[str, str]:
+    v = (S.get("speed") or {}).get("variants", {})
+    a, b = v.get("fine-tuned/imagepiece/k07/s0"), v.get("fine-tuned/evit/k07/s0")
+    what, paper = "Table 1: ImagePiece faster than EViT at keep 0.7", "3891.9 vs 3787.5 img/s (+2.8%)"
+    if a is None or b is None:
+        return claim(what, paper, "pending", "pending")
+    d, floor = a["speedup"] / b["speedup"] - 1, S["speed_noise"]
+    here = (f"{a['speedup']:.2f}x vs {b['speedup']:.2f}x the baseline: {100 * d:+.1f}% "
+            f"(noise floor {100 * floor:.1f}%)")
+    return claim(what, paper, here, verdict(d, floor / 2))
+
+
+def same_accuracy_claim(S: dict[str, Any]) -> dict[str, str]:
+    """Speed of ImagePiece's fine-tuned curve at EViT keep 0.7's accuracy (paper: +28.5%)."""
+    what, paper = "Same accuracy as EViT keep 0.7, ImagePiece much faster", "4868.0 vs 3787.5 img/s (+28.5%)"
+    curve = [c for c in S["curve"] if c["kind"] == FT and c["group"] == "imagepiece" and c["speedup"]]
+    ev = group_stats(S["table"], FT, "evit", "k07")
+    if ev is None or ev["speedup"] is None or len(curve) < 2:
+        return claim(what, paper, "pending", "pending")
+    at = interpolate([(c["mean"], c["speedup"]) for c in curve], ev["mean"])
+    if at is None:
+        return claim(what, paper, f"EViT's {ev['mean']:.2f} is outside ImagePiece's accuracy range",
+                     "pending")
+    d = at / ev["speedup"] - 1
+    return claim(what, paper, f"{at:.2f}x vs {ev['speedup']:.2f}x: {100 * d:+.1f}%",
+                 verdict(d, S["speed_noise"] / 2, 0.285))
+
+
+def _analysis(S: dict[str, Any], name: str) -> dict[str, Any] | None:
+    return (S.get("analyses") or {}).get(name)
+
+
+def masking_claim(S: dict[str, Any]) -> dict[str, str]:
+    what, paper = "Table 4: most robust with many random masks", "50 masks: 71.42 vs 68.28 / 68.10 / 65.41"
+    res = _analysis(S, "masking")
+    if res is None:
+        return claim(what, paper, "pending", "pending")
+    most = max(r["masks"] for r in res["rows"])
+    acc = {r["method"]: r["top1"] for r in res["rows"] if r["masks"] == most}
+    n = next(iter(res["meta"].values()))["images"]
+    ip = acc.get("fine-tuned/imagepiece/k07/s0")
+    others = {k: acc[k] for k in ("scratch/baseline", "fine-tuned/evit/k07/s0", "fine-tuned/tome/k07/s0")
+              if k in acc}
+    if ip is None or not others:
+        return claim(what, paper, "pending", "pending")
+    rival = max(others, key=others.get)
+    se = math.sqrt(ip * (1 - ip) / n + others[rival] * (1 - others[rival]) / n)
+    here = (f"{most} masks: ImagePiece {100 * ip:.1f} vs " + ", ".join(f"{k.split('/')[1]} {100 * v:.1f}"
+            for k, v in others.items()) + f" (n={n})")
+    return claim(what, paper, here, verdict(ip - others[rival], se))
+
+
+def attentiveness_claim(S: dict[str, Any]) -> dict[str, str]:
+    what = "Table 5: non-semantic tokens become attentive again after re-tokenization"
+    paper = "higher share of inattentive -> attentive tokens than pruning alone"
+    res = _analysis(S, "attentiveness")
+    if res is None:
+        return claim(what, paper, "pending", "pending")
+    pairs = {r["pair"] for r in res["rows"]
+             if r["method"] == "fine-tuned/imagepiece/k07/s0" and r["kind"] == "retokenize"}
+    ip, ev = "fine-tuned/imagepiece/k07/s0", "fine-tuned/evit/k07/s0"
+    share = {m: _mean([r["inattentive_to_attentive"] for r in res["rows"] if r["method"] == m
+                       and r["pair"] in pairs]) for m in (ip, ev)}
+    a, b = share[ip], share[ev]
+    here = f"re-tokenization -> prune pairs {sorted(pairs)}: ImagePiece {a:.3f} vs EViT {b:.3f}"
+    return claim(what, paper, here, verdict(a - b, 0.005))
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def _first_last(S: dict[str, Any], label: str) -> tuple[float, float] | None:
+    res = _analysis(S, "similarity")
+    meta = (res or {}).get("meta", {}).get(label)
+    if not meta:
+        return None
+    fl = next(iter(meta["first_last"].values()))
+    return fl["first"], fl["last"]
+
+
+def similarity_claim(S: dict[str, Any]) -> dict[str, str]:
+    what = "Table 6: merged pairs stay similar across depth (ImagePiece), not with ToMe"
+    paper = "ToMe 0.7852 -> 0.6763, ImagePiece 0.8091 -> 0.8096"
+    tome, ip = _first_last(S, "fine-tuned/tome/k07/s0"), _first_last(S, "fine-tuned/imagepiece/k07/s0")
+    if tome is None or ip is None:
+        return claim(what, paper, "pending", "pending")
+    here = f"ToMe {tome[0]:.3f} -> {tome[1]:.3f}, ImagePiece {ip[0]:.3f} -> {ip[1]:.3f}"
+    drop_gap = (tome[0] - tome[1]) - (ip[0] - ip[1])
+    return claim(what, paper, here, verdict(drop_gap, 0.01))
+
+
+def coherence_similarity_claim(S: dict[str, Any]) -> dict[str, str]:
+    what, paper = "Table 8 / §5: coherence raises first-block merged-pair similarity", "0.5293 -> 0.8091"
+    coh = _first_last(S, "fine-tuned/imagepiece/k07/s0")
+    plain = _first_last(S, "control/imagepiece-nocoherence/k07")
+    if coh is None or plain is None:
+        return claim(what, paper, "pending", "pending")
+    here = f"without {plain[0]:.3f} -> with {coh[0]:.3f}"
+    return claim(what, paper, here, verdict(coh[0] - plain[0], 0.01))
+
+
+def important_claim(S: dict[str, Any], top: float = 0.3) -> dict[str, str]:
+    what = f"Table 7: ToMe merges important tokens (top {top:.0%} by class attention), ImagePiece does not"
+    paper = "ToMe merges important tokens too often"
+    res = _analysis(S, "important")
+    if res is None:
+        return claim(what, paper, "pending", "pending")
+    share = {r["method"]: r["share_merged_in_top"] for r in res["rows"] if abs(r["top"] - top) < 1e-9}
+    t, i = share.get("fine-tuned/tome/k07/s0"), share.get("fine-tuned/imagepiece/k07/s0")
+    if t is None or i is None:
+        return claim(what, paper, "pending", "pending")
+    here = f"share of merged tokens in the top {top:.0%}: ToMe {t:.3f}, ImagePiece {i:.3f}"
+    return claim(what, paper, here, verdict(t - i, 0.025) if t >= 0.1 else "disagrees")

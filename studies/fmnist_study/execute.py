@@ -1,0 +1,182 @@
+"""One training run (new, resumed after a kill, or reused) and one evaluation, each through the
+package's own entry points (``imagepiece.train``, ``imagepiece.evaluate``, ``imagepiece.bench``),
+so every number is what ``imagepiece train`` / ``imagepiece eval`` give a user.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import yaml
+
+from imagepiece import train as T
+from imagepiece.bench import count_gmacs, use_method
+from imagepiece.checkpoint import load_checkpoint, load_state_dict, load_weights, save_weights
+from imagepiece.data import build_dataset
+from imagepiece.evaluate import evaluate_model, make_eval_loader
+
+from .config import StudyConfig
+from .registry import BASELINE, Run, slug
+from .store import Layout, key_of, write_text
+
+# Options that say where or how fast a run goes, not what it trains: left out of its key.
+VOLATILE = ("data_root", "workers", "threads", "device", "output", "name", "progress", "stop_after_steps")
+
+
+@dataclass
+class Context:
+    cfg: StudyConfig
+    layout: Layout
+    data: str  # folder of the Fashion-MNIST IDX files
+    progress: bool = False
+    _datasets: dict[str, Any] = field(default_factory=dict)
+
+    def dataset(self, split: str) -> Any:
+        if split not in self._datasets:
+            self._datasets[split] = build_dataset("fashion-mnist", self.data, split, self.cfg.img_size,
+                                                  train_transform=False)
+        return self._datasets[split]
+
+
+# ------------------------------------------------------------------------------ training
+
+
+def train_values(ctx: Context, run: Run) -> dict[str, Any]:
+    """The ``imagepiece train`` options of ``run`` (a TrainConfig as a dict)."""
+    cfg = ctx.cfg
+    kwargs = dict(cfg.model_kwargs, **({"coherence": run.coherence} if run.coherence else {}))
+    values: dict[str, Any] = dict(
+        model=run.model, model_kwargs=kwargs, method=run.method, seed=run.seed, dataset="fashion-mnist",
+        data_root=ctx.data, img_size=cfg.img_size, batch_size=cfg.batch_size, workers=cfg.workers,
+        threads=cfg.threads, device=cfg.device, output=ctx.layout.runs, name=run.name, progress=ctx.progress,
+        **cfg.recipe_values(),
+    )
+    if run.scratch:  # the stem run keeps EViT's scaled warm-up (10 and 100 of 300 epochs)
+        epochs = cfg.stem_epochs if run.coherence == "stem" else cfg.base_epochs
+        values.update(epochs=epochs, lr=cfg.base_lr, warmup_epochs=cfg.warmup_epochs)
+    else:  # keep rate 1 -> target over the first third (EViT's 100 of 300 epochs), SPEC §4.4
+        values.update(finetune=ctx.layout.weights(BASELINE), epochs=cfg.ft_epochs, lr=cfg.ft_lr,
+                      warmup_epochs=0, shrink_start=0, shrink_epochs=round(cfg.ft_epochs / 3, 4))
+    return values
+
+
+def train_key(ctx: Context, run: Run, baseline_key: str | None) -> str:
+    """What ``run`` trains: its options (not where they live) and, for a fine-tune, its baseline's key."""
+    what = {k: v for k, v in train_values(ctx, run).items() if k not in VOLATILE + ("finetune",)}
+    return key_of({"train": what, "baseline": None if run.scratch else baseline_key})
+
+
+def epochs_done(run_dir: str) -> int:
+    try:
+        meta = load_checkpoint(os.path.join(run_dir, "checkpoints", "last"), with_state=False).meta
+        return int(meta["epoch"])
+    except (ValueError, OSError, KeyError, TypeError):
+        return 0
+
+
+def _same_config(run_dir: str, values: dict[str, Any]) -> bool:
+    """Whether the run folder was started with these options (volatile ones aside)."""
+    try:
+        with open(os.path.join(run_dir, "config.yaml")) as f:
+            saved = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return False
+    want = T.resolve_config(None, values).to_dict()
+    return isinstance(saved, dict) and all(saved.get(k) == v for k, v in want.items() if k not in VOLATILE)
+
+
+def train_run(ctx: Context, run: Run, key: str, fresh: bool = False) -> dict[str, Any]:
+    """Train ``run`` to the end: a new run, the continuation of a killed one (same options), or
+    nothing when its folder already holds the finished run. Returns the run's result file."""
+    values = train_values(ctx, run)
+    cfg = T.resolve_config(None, values)
+    run_dir = ctx.layout.run_dir(run.name)
+    write_text(ctx.layout.run_config(run.name), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    done = epochs_done(run_dir) if not fresh and _same_config(run_dir, values) else 0
+    t0 = time.time()
+    if done == 0:
+        T.train(cfg, overwrite=True)
+    elif done < cfg.epochs:
+        T.train(T.resume_config(run_dir, {"workers": cfg.workers, "progress": cfg.progress}), resume=run_dir)
+    weights = ctx.layout.weights(run.name)
+    save_weights(weights, load_state_dict(os.path.join(run_dir, "checkpoints", "best")))
+    result = _run_result(run, run_dir, key, values, ctx.layout.run_config(run.name), done, time.time() - t0)
+    return dict(result, weights=weights, weights_sha256=_sha256(weights))
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _run_result(run: Run, run_dir: str, key: str, values: dict[str, Any], config_path: str,
+                resumed_from: int, wall_s: float) -> dict[str, Any]:
+    best = load_checkpoint(os.path.join(run_dir, "checkpoints", "best"), with_state=False).meta
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        log = [json.loads(line) for line in f if line.strip()]
+    return {"key": key, "run": asdict(run), "config": values, "run_dir": run_dir,
+            "epochs": len(log), "best_epoch": best.get("best_epoch"), "val_top1": best.get("best_top1"),
+            "resumed_from": resumed_from, "train_minutes": sum(r.get("epoch_s", 0) for r in log) / 60,
+            "wall_minutes_this_call": wall_s / 60, "log": log,
+            "command": f"imagepiece train --config {config_path} --overwrite"}
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+
+def model_kwargs(ctx: Context, run: Run) -> dict[str, Any]:
+    kwargs = dict(ctx.cfg.model_kwargs, img_size=ctx.cfg.img_size, num_classes=10)
+    if run.coherence:
+        kwargs["coherence"] = run.coherence
+    return kwargs
+
+
+def load_run_model(ctx: Context, run: Run) -> torch.nn.Module:
+    """``run``'s best weights (by validation top-1) in a model of its architecture, no plan."""
+    import timm
+
+    kwargs = model_kwargs(ctx, run)
+    if run.model.startswith("imagepiece_"):
+        kwargs["plan"] = "none"
+    model = timm.create_model(run.model, **kwargs)
+    load_weights(model, ctx.layout.weights(run.name), strict=True, adapt=False)
+    return model.eval()
+
+
+def under(model: torch.nn.Module, run: Run, spec: str) -> torch.nn.Module:
+    return use_method(model, spec, registered=run.model.startswith("imagepiece_"))
+
+
+def eval_key(run_key: str, spec: str) -> str:
+    return key_of({"eval": spec, "run": run_key})
+
+
+def evaluate(ctx: Context, run: Run, spec: str, key: str) -> dict[str, Any]:
+    """Validation and test top-1/top-5/loss, GMACs and token counts of ``run`` under ``spec``."""
+    cfg = ctx.cfg
+    model = under(load_run_model(ctx, run), run, spec)
+    x = torch.randn(1, 3, cfg.img_size, cfg.img_size)
+    gmacs = count_gmacs(model, x)
+    ctl = getattr(model, "imagepiece", None)
+    tokens = ctl.token_counts(model.patch_embed.num_patches + 1) if ctl is not None else None
+    model.to(cfg.device)
+    out: dict[str, Any] = {"key": key, "run": run.name, "spec": spec, "gmacs": gmacs, "tokens": tokens}
+    for split in ("val", "test"):
+        loader = make_eval_loader(ctx.dataset(split), cfg.eval_batch)
+        res = evaluate_model(model, loader, cfg.device)
+        out.update({f"{split}_{k}": res[k] for k in ("top1", "top5", "loss", "images")})
+    args = " ".join(f"--model-arg {k}={v}" for k, v in model_kwargs(ctx, run).items() if k != "img_size")
+    out["command"] = (f"imagepiece eval --model {run.model} {args} --checkpoint "
+                      f"{ctx.layout.weights(run.name)} --dataset fashion-mnist --data {ctx.data} "
+                      f"--split test --img-size {cfg.img_size} --method '{spec}'")
+    return out
+
+
+def eval_path(ctx: Context, run: str, spec: str) -> str:
+    return ctx.layout.evaluation(run, slug(spec))

@@ -1,0 +1,98 @@
+"""The study's figures (top-1 against GMACs and against measured speed-up) and its markdown."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .report import KINDS, METHODS
+
+COLOURS = {"tome": "tab:blue", "evit": "tab:orange", "imagepiece": "tab:green"}
+CONTROLS = {"evit+coherence": "s", "imagepiece-nocoherence": "v", "imagepiece+tome": "D",
+            "imagepiece-stem": "P", "baseline-finetuned": "*"}
+
+
+def _x(rec: dict[str, Any], axis: str) -> float | None:
+    return rec["gmacs"] * 1000 if axis == "gmacs" else rec["speedup"]
+
+
+def plot_curves(S: dict[str, Any], path: str, axis: str = "gmacs") -> None:
+    """One curve per method and kind (fine-tuned solid, off-the-shelf dashed); error bars are the
+    seed range; controls are single markers; dotted lines mark the matched-compute targets."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    for kind in KINDS:
+        for m in METHODS:
+            pts = sorted((c for c in S["curve"] if c["kind"] == kind and c["group"] == m
+                          and _x(c, axis) is not None), key=lambda c: _x(c, axis))
+            if pts:
+                ax.errorbar([_x(c, axis) for c in pts], [c["mean"] for c in pts],
+                            yerr=[[c["mean"] - c["min"] for c in pts], [c["max"] - c["mean"] for c in pts]],
+                            color=COLOURS[m], linestyle="-" if kind == "fine-tuned" else "--", marker="o"
+                            if kind == "fine-tuned" else "x", capsize=3, label=f"{m} ({kind})")
+    for c in S["controls"]:
+        if _x(c, axis) is not None:
+            ax.plot(_x(c, axis), c["mean"], CONTROLS.get(c["group"], "o"), color="grey", label=c["group"])
+    base = S.get("base")
+    if base and _x(base, axis) is not None:
+        ax.plot(_x(base, axis), base["mean"], "k*", markersize=12, label="baseline")
+    for r in S["matched_at"]:
+        ax.axvline(S["base_gmacs"] * 1000 / r if axis == "gmacs" else r, color="k", linestyle=":", alpha=0.4)
+    ax.set_xlabel("MMACs per image" if axis == "gmacs" else "images/s relative to the baseline (one run)")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title(f"Fashion-MNIST ({S['config']}): top-1 against {'compute' if axis == 'gmacs' else 'speed'}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+
+
+def _num(v: Any, f: str = ".2f") -> str:
+    return "–" if v is None else format(v, f)
+
+
+def _acc(c: dict[str, Any]) -> str:
+    return f"{c['mean']:.2f} ± {c['std']:.2f} (n={c['n']})" if c["n"] > 1 else f"{c['mean']:.2f}"
+
+
+def markdown(S: dict[str, Any]) -> str:
+    parts = [f"Configuration `{S['config']}`; {S['setup']}\n", "### Checks\n",
+             table(["check", "value", "target", "result"], S["checks"]), "\n### Operating points\n",
+             table(["method", "point", "spec", "target", "GMAC reduction"],
+                   [[p["method"], p["label"], f"`{p['spec']}`", p["target"], f"{p['reduction']:.2f}x"]
+                    for p in S["points"]]), "\n### Curves (test top-1)\n",
+             table(["training", "method", "point", "MMACs", "speed-up", "test top-1 (%)", "val top-1"],
+                   [[c["kind"], c["group"], c["point"], _num(c["gmacs"] * 1000, ".1f"), _num(c["speedup"]),
+                     _acc(c), _num(c["val_mean"])] for c in S["curve"] + S["controls"]]),
+             "\n### Accuracy at matched compute (interpolated on each curve)\n", matched_md(S),
+             "\n### Tuning (validation split, ImagePiece keep 0.7)\n", tuning_md(S),
+             "\n### Claims\n", table(["claim", "paper", "here", "verdict"],
+                                     [[c["claim"], c["paper"], c["here"], f"**{c['verdict']}**"]
+                                      for c in S["claims"]]),
+             "\n### Speed measurement\n", S["speed_note"], "\n### Every row\n",
+             table(["row", "val", "test", "MMACs", "reproduce"],
+                   [[t["row"], _num(t["val_top1"]), _num(t["test_top1"]), _num(t["gmacs"] * 1000, ".1f"),
+                     f"`{t['command']}`"] for t in S["table"]])]
+    return "\n".join(parts) + "\n"
+
+
+def matched_md(S: dict[str, Any]) -> str:
+    cols = [f"top1_at_{r:g}x_{a}" for a in ("gmacs", "speed") for r in S["matched_at"]]
+    head = [f"{r:g}x fewer GMACs" for r in S["matched_at"]] + [f"{r:g}x images/s" for r in S["matched_at"]]
+    return table(["training", "method"] + head,
+                 [[m["kind"], m["method"]] + [_num(m[c]) for c in cols] for m in S["matched"]])
+
+
+def tuning_md(S: dict[str, Any]) -> str:
+    tu = S["tuning"]
+    rows = [[c["candidate"], f"`{c['knobs']}`", c["val"], c["seeds"]] for c in tu.get("candidates", [])]
+    return table(["candidate", "knobs", "val top-1", "seeds"], rows) + f"\n\nDecision: {tu.get('decision')}\n"

@@ -1,0 +1,223 @@
+"""The Fashion-MNIST study pipeline (studies/fashion_mnist.py): matched-compute interpolation, the
+cache that skips finished steps and continues killed runs, and the whole pipeline end to end on
+the ``smoke`` configuration with a few hundred synthetic images in Fashion-MNIST's IDX format.
+
+Each test names the broken logic it catches; each was checked once by breaking that logic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import math
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+STUDIES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "studies")
+sys.path.insert(0, STUDIES)
+
+import fashion_mnist  # noqa: E402
+from fmnist_study import execute as E  # noqa: E402
+from fmnist_study.config import CONFIGS  # noqa: E402
+from fmnist_study.pipeline import Study  # noqa: E402
+from fmnist_study.registry import BASELINE  # noqa: E402
+from fmnist_study.report import interpolate, matched  # noqa: E402
+from fmnist_study.store import status  # noqa: E402
+from fmnist_study.summary import decide_tuning  # noqa: E402
+
+from imagepiece import train as T  # noqa: E402
+
+
+def write_idx(path: str, arr: np.ndarray) -> None:
+    arr = np.ascontiguousarray(arr, dtype=np.uint8)
+    magic = 2051 if arr.ndim == 3 else 2049
+    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.tobytes())
+
+
+def tiny_fashion(folder: str, train: int = 480, test: int = 120) -> str:
+    """Fashion-MNIST's four IDX files with easy synthetic images: class c is a bright 6x6
+    square at its own place on noise (480 training images: 440 train + 40 val)."""
+    rng = np.random.default_rng(0)
+    os.makedirs(folder, exist_ok=True)
+    for prefix, n in (("train", train), ("t10k", test)):
+        labels = np.arange(n) % 10
+        images = rng.integers(0, 60, size=(n, 28, 28))
+        for i, c in enumerate(labels):
+            r, q = divmod(int(c), 4)
+            images[i, 4 + 6 * r: 10 + 6 * r, 2 + 6 * q: 8 + 6 * q] += 180
+        write_idx(os.path.join(folder, f"{prefix}-images-idx3-ubyte.gz"), images)
+        write_idx(os.path.join(folder, f"{prefix}-labels-idx1-ubyte.gz"), labels)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def points_cache(tmp_path_factory):
+    """The smoke configuration's operating points, counted once (a few seconds of GMAC counting)
+    and copied into each study's results folder, where the study finds them cached."""
+    folder = tmp_path_factory.mktemp("points")
+    Study(CONFIGS["smoke"], "", str(folder), str(folder / "runs"), log=lambda s: None).points({})
+    return folder / "points"
+
+
+@pytest.fixture
+def threads():
+    """The smoke configuration trains on one thread (process-wide); give the others theirs back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------ matched-compute interpolation
+
+
+def test_interpolate_is_piecewise_linear_and_never_extrapolates():
+    """Catches: nearest-point instead of linear interpolation, extrapolation beyond the curve,
+    input assumed sorted, repeated x (seeds) not averaged."""
+    pts = [(20.0, 90.0), (10.0, 80.0), (15.0, 88.0)]  # unsorted on purpose
+    assert interpolate(pts, 15.0) == pytest.approx(88.0)
+    assert interpolate(pts, 12.5) == pytest.approx(84.0)
+    assert interpolate(pts, 17.0) == pytest.approx(88.8)
+    assert interpolate(pts, 10.0) == pytest.approx(80.0)
+    assert interpolate(pts, 9.99) is None and interpolate(pts, 20.01) is None
+    assert interpolate([(10.0, 80.0), (10.0, 82.0), (20.0, 91.0)], 15.0) == pytest.approx(86.0)
+    assert interpolate([], 1.0) is None
+    assert interpolate([(3.0, 7.0)], 3.0) == pytest.approx(7.0)
+
+
+def test_matched_table_reads_each_curve_at_base_over_r():
+    """Catches: targets at base * r instead of base / r, curves of one method or kind mixed
+    with another's, speed-ups read from the GMACs column."""
+    base = 0.030
+    curve = [
+        {"kind": "fine-tuned", "group": "evit", "gmacs": 0.024, "speedup": 1.2, "mean": 90.0},
+        {"kind": "fine-tuned", "group": "evit", "gmacs": 0.015, "speedup": 1.8, "mean": 86.0},
+        {"kind": "fine-tuned", "group": "evit", "gmacs": 0.010, "speedup": 2.6, "mean": 80.0},
+        {"kind": "fine-tuned", "group": "imagepiece", "gmacs": 0.025, "speedup": 1.1, "mean": 91.0},
+        {"kind": "fine-tuned", "group": "imagepiece", "gmacs": 0.018, "speedup": 1.6, "mean": 89.0},
+        {"kind": "off-the-shelf", "group": "evit", "gmacs": 0.020, "speedup": 1.5, "mean": 50.0},
+        {"kind": "off-the-shelf", "group": "evit", "gmacs": 0.012, "speedup": 2.0, "mean": 40.0},
+    ]
+    rows = {(m["kind"], m["method"]): m for m in matched(curve, base, (1.5, 2.5))}
+    ev = rows[("fine-tuned", "evit")]
+    assert ev["top1_at_1.5x_gmacs"] == pytest.approx(86.0 + 4.0 * (0.020 - 0.015) / 0.009)
+    assert ev["top1_at_2.5x_gmacs"] == pytest.approx(80.0 + 6.0 * (0.012 - 0.010) / 0.005)
+    assert ev["top1_at_1.5x_speed"] == pytest.approx(90.0 - 4.0 * 0.3 / 0.6)
+    assert ev["top1_at_2.5x_speed"] == pytest.approx(86.0 - 6.0 * 0.7 / 0.8)
+    ip = rows[("fine-tuned", "imagepiece")]
+    assert ip["top1_at_1.5x_gmacs"] == pytest.approx(89.0 + 2.0 * 0.002 / 0.007)
+    assert ip["top1_at_2.5x_gmacs"] is None  # beyond its curve: not extrapolated
+    off = rows[("off-the-shelf", "evit")]
+    assert off["top1_at_1.5x_gmacs"] == pytest.approx(50.0)
+    assert rows[("off-the-shelf", "tome")]["top1_at_1.5x_gmacs"] is None
+
+
+def test_tuning_changes_a_knob_only_beyond_the_default_seed_spread():
+    """Catches: a candidate adopted on a gain inside the default's seed range (noise), the
+    default kept against a clear gain, a decision taken before every tuning run is done."""
+    cfg = CONFIGS["cpu"]
+    val = {"tune/default/s0": 90.0, "tune/default/s1": 90.3, "tune/default/s2": 90.15,
+           "tune/pairs_only/s0": 90.4, "tune/size_norm/s0": 89.0, "tune/fused_bias_off/s0": 90.1,
+           "tune/rounds2/s0": 90.2}
+    kept = decide_tuning(cfg, val)
+    assert kept["final"] and kept["knobs"] == {}  # +0.25 over the mean, inside the 0.3 range
+    won = decide_tuning(cfg, dict(val, **{"tune/size_norm/s0": 90.6}))
+    assert won["final"] and won["knobs"] == {"size_norm": True}
+    partial = decide_tuning(cfg, {k: v for k, v in val.items() if k != "tune/default/s2"})
+    assert not partial["final"] and partial["knobs"] == {}
+
+
+# ------------------------------------------------------------------ cache: skip, stale, resume
+
+
+def make_study(tmp_path, points_cache, **changes) -> Study:
+    cfg = dataclasses.replace(CONFIGS["smoke"], **changes)
+    data = tiny_fashion(str(tmp_path / "data"))
+    if not (tmp_path / "out" / "points").exists():
+        shutil.copytree(points_cache, tmp_path / "out" / "points")
+    return Study(cfg, data, str(tmp_path / "out"), str(tmp_path / "runs"), log=lambda s: None)
+
+
+def test_killed_training_run_continues_from_its_last_epoch(tmp_path, points_cache, threads):
+    """Catches: a partly trained run started again from scratch (or its checkpoint ignored)."""
+    study = make_study(tmp_path, points_cache, base_epochs=2)
+    base = next(s for s in study.steps() if s.name == f"train:{BASELINE}").run
+    values = E.train_values(study.ctx, base)
+    steps_per_epoch = 440 // study.cfg.batch_size
+    kill = dict(values, stop_after_steps=steps_per_epoch + 2)  # in the second epoch, as if killed
+    killed = T.train(T.resolve_config(None, kill), overwrite=True)
+    assert killed["stopped"] and E.epochs_done(study.ctx.layout.run_dir(BASELINE)) == 1
+    assert study.run(stages=["baseline"]) == "done"
+    result = json.load(open(study.ctx.layout.run_result(BASELINE)))
+    assert result["resumed_from"] == 1
+    assert [row["epoch"] for row in result["log"]] == [0, 1]
+
+
+def test_finished_steps_are_skipped_and_changed_ones_redone(tmp_path, points_cache, threads, monkeypatch):
+    """Catches: finished steps run again, a changed configuration not noticed (stale results
+    reused), --only not forcing its matches or forcing others, --max-minutes ignored."""
+    study = make_study(tmp_path, points_cache)
+    assert study.run(stages=["baseline", "checks"]) == "done"
+    calls = []
+    monkeypatch.setattr(E, "train_run", lambda ctx, run, key, fresh: calls.append(run.name) or {"key": key})
+    monkeypatch.setattr(E, "evaluate", lambda ctx, run, spec, key: calls.append("eval") or {"key": key})
+    assert study.run(stages=["baseline", "checks"]) == "done" and calls == []
+
+    changed = make_study(tmp_path, points_cache, ft_lr=1e-4)  # the fine-tunes change, the baseline does not
+    states = {s.name: status(s.path, s.key) for s in changed.steps() if s.stage in ("baseline", "checks")}
+    assert states["train:baseline"] == "done" and states["eval:scratch/baseline"] == "done"
+    assert states["train:ft-vit-none-s0"] == "stale"
+
+    assert study.run(only=["control/baseline-finetuned"]) == "done"
+    assert calls == ["ft-vit-none-s0", "eval"]
+    calls.clear()
+    assert changed.run(stages=["checks"], max_minutes=0.0, estimate=lambda s: 1.0) == "stopped"
+    assert calls == []
+
+
+# ------------------------------------------------------------------ end to end
+
+
+# About 35 s on 2 cores: kept in the default run (and CI), since it is the only check that
+# every stage of the study still runs end to end.
+def test_whole_study_end_to_end_on_smoke(tmp_path, points_cache, threads, capsys):
+    """Every stage on the smoke configuration; a second call does nothing; --only redoes one
+    row; --plan then has nothing left; --export writes four cards (into tmp_path only)."""
+    data = tiny_fashion(str(tmp_path / "data"))
+    shutil.copytree(points_cache, tmp_path / "out" / "points")
+    args = ["--config", "smoke", "--data", data, "--out", str(tmp_path / "out"),
+            "--runs", str(tmp_path / "runs"), "--quiet"]
+    assert fashion_mnist.main(args) == "done"
+    out = tmp_path / "out"
+    for name in ("tables.md", "summary.json", "matched.csv", "claims.csv", "curves_gmacs.png",
+                 "curves_speed.png", "speed.json", "analyses/masking.png", "analyses/similarity.json"):
+        assert (out / name).is_file(), name
+    summary = json.load(open(out / "summary.json"))
+    verdicts = {c["claim"]: c["verdict"] for c in summary["claims"]}
+    assert len(verdicts) >= 15 and "not testable here" in verdicts.values()
+    curves = {(c["kind"], c["group"]) for c in summary["curve"]}
+    assert {(k, m) for k in ("fine-tuned", "off-the-shelf") for m in ("tome", "evit", "imagepiece")} <= curves
+    assert all(sum(1 for c in summary["curve"] if (c["kind"], c["group"]) == km) >= 4 for km in curves)
+    assert all(not math.isnan(v) for v in (summary["base"]["mean"], summary["base_gmacs"]))
+
+    capsys.readouterr()
+    assert fashion_mnist.main(args) == "done"
+    assert "train:" not in capsys.readouterr().out  # nothing trained or evaluated again
+    assert fashion_mnist.main(args + ["--only", "fine-tuned/evit/k07/s1"]) == "done"
+    redone = [line for line in capsys.readouterr().out.splitlines() if "train:" in line or "eval:" in line]
+    assert len(redone) == 2 and "ft-vit-evit_keep_rate_0.7-s1" in redone[0]
+    fashion_mnist.main(args + ["--plan"])
+    assert "Nothing left to do." in capsys.readouterr().out
+
+    assets = tmp_path / "assets"
+    assert fashion_mnist.main(args + ["--export", "--asset-dir", str(assets)]) == "exported"
+    cards = json.load(open(assets / "models.json"))["models"]
+    assert [c["name"] for c in cards] == ["baseline", "tome", "evit", "imagepiece"]
+    assert all(os.path.getsize(assets / c["file"]) < 5 * 2**20 for c in cards)
