@@ -1,3 +1,6 @@
+import json
+import os
+
 import pytest
 import timm
 import torch
@@ -48,3 +51,13 @@ def make_family(family: str):
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request):
     return request.param
+
+
+def read_log(run_dir) -> list[dict]:
+    """A run's log.jsonl rows without the wall-clock fields, which differ between runs."""
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    for row in rows:
+        row.pop("images_per_s")
+        row.pop("epoch_s")
+    return rows

@@ -132,6 +132,17 @@ def test_output_files(result, tmp_path):
     (dict(keep_rates=(0.0,)), ["0.0"]),
     (dict(checkpoint="/no/such/file.pth"), ["/no/such/file.pth"]),
     (dict(allocator="jemalloc"), ["jemalloc", "steady, default"]),
+    # modes, latency and backends (--mode, --latency, --backend)
+    (dict(mode="serve"), ["serve", "inference, train"]),
+    (dict(backends=("tensorrt",)), ["tensorrt", "eager, compile, onnxruntime"]),
+    (dict(backends=("onnxruntime",), mode="train"), ["onnxruntime", "training"]),
+    (dict(backends=("onnxruntime",), dtypes=("bf16",)), ["onnxruntime", "bf16"]),
+    (dict(backends=("onnxruntime",), amp=True), ["onnxruntime", "amp"]),
+    (dict(backends=("compile",), compile_backend="nope"), ["nope", "inductor"]),
+    (dict(grad_checkpointing=True), ["grad_checkpointing", "train"]),
+    (dict(amp=True, dtypes=("fp16",)), ["amp", "fp16"]),
+    (dict(calls=0), ["calls=0"]),
+    (dict(latency=True, batch_sizes=(0,)), ["batch size=0"]),
 ])
 def test_invalid_requests_fail_before_timing(overrides, words):
     def no_timing(*args):

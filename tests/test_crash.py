@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import read_log
 from imagepiece.train import resolve_config, resume_config, train
 
 CONFIG = dict(model="vit_tiny_patch16_224",
@@ -48,15 +49,6 @@ def runs(tmp_path_factory):
     return reference, killed
 
 
-def log_lines(run_dir):
-    with open(os.path.join(run_dir, "log.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    for row in rows:  # wall-clock numbers differ between runs
-        row.pop("images_per_s")
-        row.pop("epoch_s")
-    return rows
-
-
 def assert_same_files(a, b, name):
     wa, wb = load_file(os.path.join(a, name)), load_file(os.path.join(b, name))
     assert wa.keys() == wb.keys()
@@ -86,6 +78,6 @@ def test_killed_run_resumes_bit_identical(runs, point):
             meta = json.load(f)
         assert (meta["epoch"], meta["best_epoch"], meta["best_top1"]) == \
             (ref_meta["epoch"], ref_meta["best_epoch"], ref_meta["best_top1"])
-    assert log_lines(run_dir) == log_lines(ref_dir)
+    assert read_log(run_dir) == read_log(ref_dir)
     # no temporary or aside folder of the killed save is left behind
     assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["best", "last"]

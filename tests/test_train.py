@@ -1,7 +1,6 @@
 """Training: the recipe learns, resumes exactly, runs under torchrun, and rejects bad options."""
 
 import fcntl
-import json
 import os
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from conftest import read_log
 from imagepiece.cli import app
 from imagepiece.plan import keep_rate_warmup
 from imagepiece.train import ConfigError, parse_set, resolve_config, resume_config, train
@@ -32,15 +32,6 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def log(run_dir):
-    with open(os.path.join(run_dir, "log.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    for row in rows:  # wall-clock numbers differ between runs
-        row.pop("images_per_s")
-        row.pop("epoch_s")
-    return rows
-
-
 def weights(run_dir, name="model"):
     return load_file(os.path.join(run_dir, "checkpoints", "last", f"{name}.safetensors"))
 
@@ -57,7 +48,7 @@ def test_short_training_lowers_the_loss(tmp_path):
         mixup=0, cutmix=0, smoothing=0, drop_path=0, scale=[0.9, 1.0], hflip=0,
         output=str(tmp_path), name="learn"))
     summary = train(cfg)
-    rows = log(summary["run_dir"])
+    rows = read_log(summary["run_dir"])
     assert len(rows) == 5 and summary["epochs_done"] == 5
     assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.4
     assert rows[-1]["val_top1"] > 35  # chance is 10
@@ -74,12 +65,12 @@ def test_resume_is_exact(tmp_path):
     assert resumed["epochs_done"] == 3 and not resumed["stopped"]
     assert_same_weights(weights(full["run_dir"]), weights(run))
     assert_same_weights(weights(full["run_dir"], "ema"), weights(run, "ema"))
-    assert log(full["run_dir"]) == log(run)
+    assert read_log(full["run_dir"]) == read_log(run)
 
 
 def test_keep_rate_warmup_is_logged_per_iteration_schedule(tmp_path):
     summary = train(resolve_config(overrides=dict(FULL, ema=False, output=str(tmp_path), name="k")))
-    rows = log(summary["run_dir"])
+    rows = read_log(summary["run_dir"])
     # the last keep rate used in each epoch is the schedule at its last step
     expected = [keep_rate_warmup(r["step"] - 1, 4, 0.7, 0, 2) for r in rows]
     assert [r["keep_rate"] for r in rows] == pytest.approx(expected)
@@ -125,7 +116,7 @@ def test_cli_train_config_set_and_resume(tmp_path):
     assert "continue with --resume" in res.output
     res = runner.invoke(app, ["train", "--resume", str(tmp_path / "cli")])
     assert res.exit_code == 0, res.output
-    assert len(log(tmp_path / "cli")) == 2
+    assert len(read_log(tmp_path / "cli")) == 2
     saved = (tmp_path / "cli" / "config.yaml").read_text()
     assert "method: imagepiece" in saved and "data_length: 32" in saved
     res = runner.invoke(app, ["train", "--set", "epochs=0", "-o", str(tmp_path)])
@@ -149,13 +140,13 @@ def torchrun(args, port):
 
 def test_torchrun_two_processes_and_exact_resume(tmp_path):
     torchrun(TORCHRUN_ARGS + ["-o", str(tmp_path), "--name", "full"], 29611)
-    rows = log(tmp_path / "full")
+    rows = read_log(tmp_path / "full")
     assert [r["step"] for r in rows] == [4, 8]  # 64 images / (8 x 2 processes) per epoch
     out = torchrun(TORCHRUN_ARGS + ["-o", str(tmp_path), "--name", "cut", "--stop-after-steps", "6"], 29612)
     assert out.stdout.count("continue with --resume") == 1  # only the main process prints
     torchrun(["--resume", str(tmp_path / "cut")], 29613)
     assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "cut"))
-    assert log(tmp_path / "full") == log(tmp_path / "cut")
+    assert read_log(tmp_path / "full") == read_log(tmp_path / "cut")
 
 
 def test_finetune_from_run_under_imagepiece_model(tmp_path):
@@ -167,7 +158,7 @@ def test_finetune_from_run_under_imagepiece_model(tmp_path):
         method="imagepiece", keep_rate=0.5, finetune=base["run_dir"], output=str(tmp_path), name="ft"))
     with pytest.warns(UserWarning, match="keep their initialisation"):
         summary = train(cfg)
-    rows = log(summary["run_dir"])
+    rows = read_log(summary["run_dir"])
     assert [r["keep_rate"] for r in rows] == [pytest.approx(keep_rate_warmup(1, 2, 0.5, 0, 1)), 0.5]
     w = weights(summary["run_dir"])
     added = set(w) - set(weights(base["run_dir"]))
@@ -184,19 +175,19 @@ def test_run_folder_is_never_silently_reused(tmp_path, monkeypatch):
         train(cfg)
     assert {p: (run / p).read_bytes() for p in first} == first  # untouched
     train(cfg, overwrite=True)  # replaced as a whole: one epoch in the log, not two
-    assert [r["epoch"] for r in log(run)] == [0]
+    assert [r["epoch"] for r in read_log(run)] == [0]
     # a folder locked by a running process is refused, even to --resume
     with open(run / ".lock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(ConfigError, match="in use by another training process"):
             train(resume_config(str(run), {"epochs": 2}), resume=str(run))
-    assert [r["epoch"] for r in log(run)] == [0]
+    assert [r["epoch"] for r in read_log(run)] == [0]
     # without a name, a folder taken in the same second gets a new name
     monkeypatch.setattr("imagepiece.train.time.strftime", lambda fmt: "20250101-000000")
     unnamed = dict(TINY, data_length=32, batch_size=16, epochs=1, output=str(tmp_path / "auto"))
     a = train(resolve_config(overrides=unnamed))["run_dir"]
     b = train(resolve_config(overrides=unnamed))["run_dir"]
-    assert b == a + "-2" and len(log(a)) == len(log(b)) == 1
+    assert b == a + "-2" and len(read_log(a)) == len(read_log(b)) == 1
 
 
 def test_finetune_to_new_classes_needs_the_opt_in(tmp_path):
