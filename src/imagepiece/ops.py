@@ -155,6 +155,13 @@ def apply_merge(index: MergeIndex, x: torch.Tensor, reduce: str = "sum") -> torc
     return out
 
 
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every row of ``a`` with every row of ``b``: ``(B, Na, Nb)``."""
+    a = a / a.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    b = b / b.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    return a @ b.transpose(-1, -2)
+
+
 def _best_matches(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -168,9 +175,7 @@ def _best_matches(
     best pair). ``penalty`` (added to the cosine) encodes locality; the first ``protect_a``
     rows and ``protect_b`` columns can never match (prefix tokens).
     """
-    a = a / a.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-    b = b / b.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-    cos = a @ b.transpose(-1, -2)
+    cos = _cosine(a, b)
     scores = cos if penalty is None else cos + penalty
     if protect_a or protect_b:
         scores = scores.clone() if scores is cos else scores
@@ -295,9 +300,7 @@ def _one_to_one(
     of each pair). ``r`` static steps of a masked argmax keep shapes static for compile/ONNX;
     the sets are small (the non-semantic tokens of one block), so the loop is cheap.
     """
-    a = a / a.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-    b = b / b.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-    cos = a @ b.transpose(-1, -2)
+    cos = _cosine(a, b)
     scores = (cos if penalty is None else cos + penalty).clone()
     Bn, na, nb = scores.shape
     rows, cols = [], []
@@ -309,7 +312,7 @@ def _one_to_one(
         scores.scatter_(1, i.view(Bn, 1, 1).expand(Bn, 1, nb), -math.inf)
         scores.scatter_(2, j.view(Bn, 1, 1).expand(Bn, na, 1), -math.inf)
     src, slot = torch.stack(rows, 1), torch.stack(cols, 1)
-    taken = torch.zeros(Bn, na, dtype=torch.bool, device=a.device).scatter(1, src, True)
+    taken = torch.zeros(Bn, na, dtype=torch.bool, device=src.device).scatter(1, src, True)
     # stable sort of the "taken" flags lists the unmerged rows first, in A order
     unm = taken.to(torch.int8).argsort(dim=1, stable=True)[:, : na - r]
     sim = cos.gather(1, src.unsqueeze(-1).expand(-1, -1, nb)).gather(2, slot.unsqueeze(-1)).squeeze(-1)

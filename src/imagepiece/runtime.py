@@ -250,11 +250,10 @@ def _prune_bias_size(index: ops.SelectIndex, st: _State, fuse: bool, fused_bias:
     if base is None:
         base = torch.ones(index.keep.shape[0], index.keep.shape[1] + index.dropped.shape[1],
                           device=index.keep.device)
-    kept = ops.apply_select(index, base.unsqueeze(-1)).squeeze(-1)
-    if not fuse:
-        return kept
-    fused = ops.apply_select(index, base.unsqueeze(-1), "sum")[:, -1:, 0]
-    return torch.cat([kept, torch.ones_like(fused) if not fused_bias else fused], dim=1)
+    out = ops.apply_select(index, base.unsqueeze(-1), "sum" if fuse else None).squeeze(-1)
+    if not fuse or fused_bias:
+        return out
+    return torch.cat([out[:, :-1], torch.ones_like(out[:, -1:])], dim=1)
 
 
 def _prune_state(
