@@ -94,7 +94,7 @@ __all__ = [
     "write_plot",
 ]
 
-#: The hyper-speed presets, at matched compute on DeiT-S 224 (1.67 / 1.73 / 1.72 GMACs against
+#: The hyper-speed presets, at matched compute on DeiT-S 224 (1.67 / 1.72 / 1.72 GMACs against
 #: 4.60 unmodified): ToMe r=(18, -0.5), EViT keep 0.25, ImagePiece keep 0.34.
 HYPER_SPEED = ("tome-hyper", "evit-hyper", "imagepiece-hyper")
 

@@ -450,7 +450,7 @@ PRESETS = {
     "imagepiece-discard": _discard,
     "imagepiece+tome": _imagepiece_tome,
     # Hyper-speed settings (the paper's "hyper-speed" regime, about 2.5x the images/s), chosen
-    # at matched compute: on DeiT-S 224 they count 1.72 (imagepiece keep 0.34), 1.73 (evit keep
+    # at matched compute: on DeiT-S 224 they count 1.72 (imagepiece keep 0.34), 1.72 (evit keep
     # 0.25) and 1.67 (tome (18, -0.5)) GMACs against 4.60 unreduced (`imagepiece bench`).
     "imagepiece-hyper": functools.partial(_imagepiece, keep_rate=0.34),
     "evit-hyper": functools.partial(_evit, keep_rate=0.25),
