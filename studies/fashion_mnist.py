@@ -9,6 +9,8 @@ from scratch, with controls, tuning on the validation split and the paper's clai
     python studies/fashion_mnist.py --report                    # tables and plots from the cache
     python studies/fashion_mnist.py --config gpu                # 12 blocks, 192 wide, 56 px, on CUDA
     python studies/fashion_mnist.py --export                    # ship the models (replaces assets!)
+    python studies/fashion_mnist.py --stage stem --threads 1 &  # two calls side by side, 1 thread each,
+    python studies/fashion_mnist.py --stage checks --threads 1  # on different stages (never while timing)
 
 Every finished step is cached under ``results/fashion_mnist/<config>/`` with the key of its
 configuration, so re-running skips it; an interrupted training run continues from its last
@@ -19,6 +21,7 @@ See docs/study.md for the design.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -51,13 +54,20 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--export", action="store_true", help="write the shipped models into the package")
     p.add_argument("--asset-dir", default=None, help="where --export writes (default: the package's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, default=None, help="torch threads of this call (default: the "
+                   "config's); e.g. 1 each for two calls side by side on different --stage lists")
     return p.parse_args(argv)
 
 
 def make_study(a: argparse.Namespace) -> Study:
     out = a.out or os.path.join("results", "fashion_mnist", a.config)
     runs = a.runs or os.path.join("runs", "fashion_mnist", a.config)
-    return Study(CONFIGS[a.config], a.data, out, runs, progress=not a.quiet)
+    cfg = CONFIGS[a.config]
+    if a.threads is not None:
+        if a.threads < 1:
+            raise StudyError(f"--threads {a.threads}: must be 1 or more")
+        cfg = dataclasses.replace(cfg, threads=a.threads)
+    return Study(cfg, a.data, out, runs, progress=not a.quiet)
 
 
 def main(argv: list[str] | None = None) -> str:

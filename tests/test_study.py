@@ -221,3 +221,12 @@ def test_whole_study_end_to_end_on_smoke(tmp_path, points_cache, threads, capsys
     cards = json.load(open(assets / "models.json"))["models"]
     assert [c["name"] for c in cards] == ["baseline", "tome", "evit", "imagepiece"]
     assert all(os.path.getsize(assets / c["file"]) < 5 * 2**20 for c in cards)
+
+
+def test_threads_option_sets_the_calls_threads_and_refuses_nonsense(tmp_path):
+    a = fashion_mnist.parse(["--config", "smoke", "--threads", "2", "--out", str(tmp_path)])
+    assert CONFIGS["smoke"].threads == 1 and fashion_mnist.make_study(a).cfg.threads == 2
+    default = fashion_mnist.make_study(fashion_mnist.parse(["--config", "smoke"]))
+    assert default.cfg.threads == CONFIGS["smoke"].threads
+    with pytest.raises(fashion_mnist.StudyError, match="--threads 0"):
+        fashion_mnist.make_study(fashion_mnist.parse(["--threads", "0"]))
