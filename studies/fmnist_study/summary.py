@@ -50,7 +50,7 @@ def checks(cfg: StudyConfig, val: dict[str, float]) -> list[list[str]]:
     """[check, value, target, result] rows; result is "ok", "FAILED" or "pending"."""
     base = val.get("scratch/baseline")
     evit = val.get("fine-tuned/evit/k07/s0")
-    out = [["baseline val top-1 (test ran 0.5 lower)", base, f">= {cfg.baseline_val_target}",
+    out = [["baseline val top-1 (the gate before any fine-tune)", base, f">= {cfg.baseline_val_target}",
             None if base is None else base >= cfg.baseline_val_target]]
     gap = None if base is None or evit is None else base - evit
     out.append(["EViT keep 0.7 fine-tune: val points below the baseline", gap, f"<= {cfg.ft_gap_target}",
