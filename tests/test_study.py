@@ -119,6 +119,28 @@ def test_matched_table_reads_each_curve_at_base_over_r():
     assert rows[("off-the-shelf", "tome")]["top1_at_1.5x_gmacs"] is None
 
 
+def test_figure3_claims_judge_fine_tunes_by_seed_noise_and_off_the_shelf_by_sampling_noise():
+    """Catches: an off-the-shelf difference judged with no noise (or the fine-tunes' seed
+    noise), a fine-tuned verdict given before any seed spread exists (noise taken as zero)."""
+    from fmnist_study.claims import _matched_claim
+
+    def S(ft_n):
+        curve = [{"kind": "fine-tuned", "group": m, "gmacs": 0.01, "n": ft_n, "std": 0.3}
+                 for m in ("imagepiece", "evit")]
+        matched = [{"kind": k, "method": m, "top1_at_2.5x_gmacs": v}
+                   for k, m, v in (("fine-tuned", "imagepiece", 87.0), ("fine-tuned", "evit", 86.0),
+                                   ("off-the-shelf", "imagepiece", 61.0), ("off-the-shelf", "evit", 60.0))]
+        return {"matched": matched, "curve": curve, "seeds": 3, "base_gmacs": 0.025, "test_images": 10000}
+
+    ft = _matched_claim(S(3), 2.5, "gmacs", 0.0, "-")
+    assert ft["verdict"] == "agrees" and "2 se 0.49" in ft["here"]  # 2 * hypot(0.3, 0.3) / sqrt(3)
+    assert _matched_claim(S(1), 2.5, "gmacs", 0.0, "-")["verdict"] == "pending"
+    off = _matched_claim(S(1), 2.5, "gmacs", 0.0, "-", kind="off-the-shelf")
+    # binomial: 2 * hypot(sqrt(.61 * .39 / 1e4), sqrt(.6 * .4 / 1e4)) * 100 = 1.38 > 1 point
+    assert off["verdict"] == "within noise" and "2 se 1.38" in off["here"]
+    assert "off-the-shelf" in off["claim"]
+
+
 def test_tuning_changes_a_knob_only_beyond_the_default_seed_spread():
     """Catches: a candidate adopted on a gain inside the default's seed range (noise), the
     default kept against a clear gain, a decision taken before every tuning run is done."""

@@ -42,8 +42,9 @@ def decide_tuning(cfg: StudyConfig, val: dict[str, float]) -> dict[str, Any]:
     best = max(better, key=lambda r: r["values"][0])
     return {"knobs": best["knobs"], "final": True, "candidates": rows,
             "decision": f"{best['candidate']} ({best['knobs']}) used: {best['values'][0]:.2f} vs the "
-                        f"default's mean {mu:.2f} (+{best['values'][0] - mu:.2f} > {margin:.2f}); the "
-                        "package default should change accordingly (a library change, with this evidence)"}
+                        f"default's mean {mu:.2f} (+{best['values'][0] - mu:.2f} > {margin:.2f}) for every "
+                        "ImagePiece row of this study; the package default is a separate decision "
+                        "(docs/study.md)"}
 
 
 def checks(cfg: StudyConfig, val: dict[str, float]) -> list[list[str]]:
@@ -96,6 +97,7 @@ def summarize(cfg: StudyConfig, points: list[dict[str, Any]], rows: list[Row], e
         "matched": matched(curve, base["gmacs"], cfg.matched) if base else [], "seeds": len(cfg.seeds),
         "speed": speed, "speed_noise": noise, "speed_note": _speed_note(speed, noise), "analyses": analyses,
         "tuning": tuning, "checks": checks(cfg, val),
+        "test_images": max((e.get("test_images", 0) for e in evals.values()), default=0),
         "setup": f"{len(table)} of {len(rows)} rows evaluated; training so far {minutes:.0f} min.",
     }
     S["claims"] = compute_claims(S)
