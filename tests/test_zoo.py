@@ -27,10 +27,11 @@ def test_every_method_ships_small_with_its_card():
 
 def test_shipped_models_are_trained_and_match_their_cards():
     # 1,000 test images from the copy shipped in the package: works with no Debian folder.
-    size = zoo.shared_img_size(zoo.shipped_models())
-    ds = build_dataset("fashion-mnist", D.PACKAGED_FASHION_ROOT, "test", size, train_transform=False)
+    cards = zoo.shipped_models()
+    ds = build_dataset("fashion-mnist", D.PACKAGED_FASHION_ROOT, "test", zoo.shared_img_size(cards),
+                       train_transform=False)
     loader = make_eval_loader(torch.utils.data.Subset(ds, range(1000)), 250)
-    for name, card in zoo.shipped_models().items():
+    for name, card in cards.items():
         model = zoo.load_shipped(name)
         plan = model.imagepiece.plan.name if is_patched(model) else "none"
         assert plan == card.method.split(":")[0]

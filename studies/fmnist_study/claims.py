@@ -47,6 +47,12 @@ def se_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
     return math.sqrt(sa**2 / a["n"] + sb**2 / b["n"])
 
 
+def binomial_se_diff(a: float, b: float, n: int) -> float:
+    """Standard error of the difference of two accuracies (fractions) each measured on ``n``
+    images: the only noise when the weights are fixed."""
+    return math.sqrt(a * (1 - a) / n + b * (1 - b) / n)
+
+
 def claim(cid: str, paper: str, here: str, v: str) -> dict[str, str]:
     return {"claim": cid, "paper": paper, "here": here, "verdict": v}
 
@@ -95,8 +101,7 @@ def _matched_claim(S: dict[str, Any], r: float, axis: str, claimed: float, paper
         if math.isnan(se):  # no seeded point yet: a difference cannot be told from noise
             return claim(what, paper, f"{a:.2f} vs {b:.2f}: {a - b:+.2f} (no seed spread yet)", "pending")
     else:  # one set of weights: only the test sample varies
-        n = S["test_images"]
-        se = math.hypot(*(math.sqrt(p / 100 * (1 - p / 100) / n) * 100 for p in (a, b)))
+        se = 100 * binomial_se_diff(a / 100, b / 100, S["test_images"])
     here = f"{a:.2f} vs {b:.2f}: {a - b:+.2f} (2 se {2 * se:.2f})"
     return claim(what, paper, here, verdict(a - b, se, claimed))
 
@@ -167,7 +172,7 @@ def masking_claim(S: dict[str, Any]) -> dict[str, str]:
     if ip is None or not others:
         return claim(what, paper, "pending", "pending")
     rival = max(others, key=others.get)
-    se = math.sqrt(ip * (1 - ip) / n + others[rival] * (1 - others[rival]) / n)
+    se = binomial_se_diff(ip, others[rival], n)
     here = (f"{most} masks: ImagePiece {100 * ip:.1f} vs " + ", ".join(f"{k.split('/')[1]} {100 * v:.1f}"
             for k, v in others.items()) + f" (n={n})")
     return claim(what, paper, here, verdict(ip - others[rival], se))
