@@ -49,7 +49,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--piece-minutes", type=float, default=110, help="session length for --plan's pieces")
     p.add_argument("--fresh", action="store_true", help="redo the selected steps even when done")
     p.add_argument("--ignore-checks", action="store_true", help="go on when the baseline or the EViT "
-                   "fine-tune misses its target")
+                   "fine-tune misses its target (a configuration records the failed checks it accepts)")
     p.add_argument("--report", action="store_true", help="only rewrite the report from the cache")
     p.add_argument("--export", action="store_true", help="write the shipped models into the package")
     p.add_argument("--asset-dir", default=None, help="where --export writes (default: the package's)")
@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> str:
     study.log(f"{outcome}; report in {study.ctx.layout.out}/tables.md")
     for c in S["claims"]:
         study.log(f"  {c['verdict']:<28} {c['claim']}")
+    if outcome == "gated":  # nothing past the gate ran: not a success
+        raise StudyError("stopped at a failed check (see the log above); nothing past it ran")
     return outcome
 
 

@@ -106,6 +106,9 @@ class StudyConfig:
     baseline_val_target: float = 90.5  # val ran 0.54 above test for the 25-epoch baseline (recipe/)
     ft_gap_target: float = 1.5  # EViT keep 0.7 fine-tune vs baseline, val top-1 points
     tune_margin: float = 0.2  # least val gain over the default's seed mean to change a knob
+    # Checks that failed and were accepted, with the reason (the study goes on past them without
+    # --ignore-checks, and the report says so): check name -> the decision.
+    accepted_checks: tuple[tuple[str, str], ...] = ()
     train_images: int = 55_000  # for the cost estimate only
     eval_images: int = 15_000  # val + test, for the cost estimate only
     recipe: dict[str, Any] = field(default_factory=dict)  # overrides of RECIPE
@@ -123,6 +126,10 @@ CONFIGS: dict[str, StudyConfig] = {
         name="cpu", model_kwargs=dict(patch_size=4, embed_dim=64, num_heads=2, depth=8), img_size=28,
         base_epochs=35, ft_epochs=2, stem_epochs=37, seeds=(0, 1, 2), batch_size=128, base_lr=1e-3,
         ft_lr=2.5e-4, warmup_epochs=1, workers=1, threads=2, device="cpu", cost=CPU_COST,
+        accepted_checks=(("EViT keep 0.7 fine-tune: val points below the baseline",
+                          "1.54 against 1.5 on validation; the 3-seed mean gap is 1.13 on test and a "
+                          "3-epoch fine-tune did not close it (1.76), so the 2-epoch fine-tunes stand "
+                          "(docs/study.md, Checks)"),),
     ),
     "gpu": StudyConfig(
         name="gpu", model_kwargs=dict(patch_size=4, embed_dim=192, num_heads=3, depth=12), img_size=56,

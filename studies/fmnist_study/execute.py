@@ -12,6 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 
@@ -22,8 +23,9 @@ from imagepiece.data import build_dataset
 from imagepiece.evaluate import evaluate_model, make_eval_loader
 
 from .config import StudyConfig
+from .paired import correct_vector, pack, unpack
 from .registry import BASELINE, Run, slug
-from .store import Layout, key_of, write_text
+from .store import Layout, cached, key_of, write_json, write_text
 
 # Options that say where or how fast a run goes, not what it trains: left out of its key.
 VOLATILE = ("data_root", "workers", "threads", "device", "output", "name", "progress", "stop_after_steps")
@@ -58,7 +60,7 @@ def train_values(ctx: Context, run: Run) -> dict[str, Any]:
         **cfg.recipe_values(),
     )
     if run.scratch:  # the stem run keeps EViT's scaled warm-up (10 and 100 of 300 epochs)
-        epochs = cfg.stem_epochs if run.coherence == "stem" else cfg.base_epochs
+        epochs = cfg.stem_epochs if run.coherence == "stem" or run.stage == "scratch" else cfg.base_epochs
         values.update(epochs=epochs, lr=cfg.base_lr, warmup_epochs=cfg.warmup_epochs)
     else:  # keep rate 1 -> target over the first third (EViT's 100 of 300 epochs), SPEC §4.4
         values.update(finetune=ctx.layout.weights(BASELINE), epochs=cfg.ft_epochs, lr=cfg.ft_lr,
@@ -171,11 +173,32 @@ def evaluate(ctx: Context, run: Run, spec: str, key: str) -> dict[str, Any]:
         loader = make_eval_loader(ctx.dataset(split), cfg.eval_batch)
         res = evaluate_model(model, loader, cfg.device)
         out.update({f"{split}_{k}": res[k] for k in ("top1", "top5", "loss", "images")})
-    args = " ".join(f"--model-arg {k}={v}" for k, v in model_kwargs(ctx, run).items() if k != "img_size")
-    out["command"] = (f"imagepiece eval --model {run.model} {args} --checkpoint "
-                      f"{ctx.layout.weights(run.name)} --dataset fashion-mnist --data {ctx.data} "
-                      f"--split test --img-size {cfg.img_size} --method '{spec}'")
+    out["command"] = eval_command(ctx, run, spec)
     return out
+
+
+def eval_command(ctx: Context, run: Run, spec: str) -> str:
+    """The ``imagepiece eval`` line that reproduces a row's test top-1 on a fresh clone: no
+    ``--data``, so the Debian package's test split serves when installed, else the package's copy
+    (the same 10,000 images)."""
+    args = " ".join(f"--model-arg {k}={v}" for k, v in model_kwargs(ctx, run).items() if k != "img_size")
+    return (f"imagepiece eval --model {run.model} {args} --checkpoint {ctx.layout.weights(run.name)} "
+            f"--dataset fashion-mnist --split test --img-size {ctx.cfg.img_size} --method '{spec}'")
+
+
+def correct(ctx: Context, run: Run, spec: str, key: str, test_top1: float) -> np.ndarray:
+    """Per-image top-1 correctness on the test split of ``run`` under ``spec`` (cached beside its
+    evaluation, same key), for the paired comparisons; checked against the evaluation's top-1."""
+    path = ctx.layout.file(f"correct/{run.name}/{slug(spec)}.json")
+    found = cached(path, key)
+    if found is None:
+        model = under(load_run_model(ctx, run), run, spec)
+        v = correct_vector(model, make_eval_loader(ctx.dataset("test"), ctx.cfg.eval_batch))
+        found = {"key": key, "images": len(v), "top1": 100 * float(v.mean()), "bits": pack(v)}
+        write_json(path, found)
+    if abs(found["top1"] - test_top1) > 0.015:
+        raise RuntimeError(f"{path}: top-1 {found['top1']:.2f} differs from its evaluation's {test_top1:.2f}")
+    return unpack(found["bits"], found["images"])
 
 
 def eval_path(ctx: Context, run: str, spec: str) -> str:

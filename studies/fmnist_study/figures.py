@@ -81,7 +81,11 @@ def markdown(S: dict[str, Any]) -> str:
                    [[c["kind"], c["group"], c["point"], _num(c["gmacs"] * 1000, ".1f"), _num(c["speedup"]),
                      _acc(c), _num(c["val_mean"])] for c in S["curve"] + S["controls"]]),
              "\n### Accuracy at matched compute (interpolated on each curve)\n", matched_md(S),
+             "\n### Trained from scratch, coherence stem on every arm (the paper's protocol)\n",
+             scratch_md(S),
              "\n### Tuning (validation split, ImagePiece keep 0.7)\n", tuning_md(S),
+             "\n### Second tuning round (validation split; sets the from-scratch ImagePiece knobs)\n",
+             tuning_md({"tuning": S["tuning"].get("retune", {})}),
              "\n### Claims\n", table(["claim", "paper", "here", "verdict"],
                                      [[c["claim"], c["paper"], c["here"], f"**{c['verdict']}**"]
                                       for c in S["claims"]]),
@@ -97,6 +101,26 @@ def matched_md(S: dict[str, Any]) -> str:
     head = [f"{r:g}x fewer GMACs" for r in S["matched_at"]] + [f"{r:g}x images/s" for r in S["matched_at"]]
     return table(["training", "method"] + head,
                  [[m["kind"], m["method"]] + [_num(m[c]) for c in cols] for m in S["matched"]])
+
+
+def _interval(r: dict[str, Any], name: str) -> str:
+    d = r.get(f"vs_{name}_diff")
+    return "-" if d is None else f"{d:+.2f} [{r[f'vs_{name}_lo']:+.2f}, {r[f'vs_{name}_hi']:+.2f}]"
+
+
+def scratch_md(S: dict[str, Any]) -> str:
+    rows = [[r["arm"], r["point"], f"`{r['spec']}`", r["seeds"], _num(r["mmacs"], ".1f"),
+             _num(r["speed_vs_stem_baseline"]), _num(r["val_top1"]),
+             _num(r["test_top1"]) + ("" if r["test_std"] is None else f" ± {r['test_std']:.2f}"),
+             _interval(r, "evit"), _interval(r, "stem_baseline")] for r in S["scratch"]]
+    pooled = S["pooled"]
+    note = (f"\n\nDifferences: test top-1 points, 95% interval of a paired bootstrap over the test images "
+            f"combined with the seed spread (pooled seed std {pooled['from-scratch']:.2f}"
+            + ("" if pooled["from-scratch-own"] == pooled["from-scratch"]
+               else ", borrowed from the fine-tunes")
+            + "). Images/s: ratio to the stem baseline in the study's speed run.\n")
+    return table(["arm", "point", "spec", "seeds", "MMACs", "images/s vs stem baseline", "val top-1",
+                  "test top-1", "vs EViT", "vs stem baseline"], rows) + note
 
 
 def tuning_md(S: dict[str, Any]) -> str:

@@ -15,10 +15,10 @@ from typing import Any
 from . import execute as E
 from .config import StudyConfig
 from .measure import ANALYSES, measure_speed, run_analysis, timed_rows
-from .points import POINTS_VERSION, Point, choose_points, one_thread
-from .registry import BASELINE, STAGES, Row, Run, build
+from .points import POINTS_VERSION, Point, choose_points, choose_stem_points, one_thread
+from .registry import BASELINE, STAGES, Row, Run, Scratch, build
 from .store import Layout, cached, key_of, read_json, status, write_json
-from .summary import checks, decide_tuning
+from .summary import checks, decide_retune, decide_tuning
 
 
 class StudyError(RuntimeError):
@@ -80,11 +80,33 @@ class Study:
                if r.kind == "tune" and "val_top1" in ev}
         return decide_tuning(self.cfg, val)
 
+    def stem_points(self, ip_knobs: dict[str, Any]) -> list[Point]:
+        """The from-scratch arms' operating points on the stem model (cached like ``points``)."""
+        key = key_of({"cfg": [self.cfg.model_kwargs, self.cfg.img_size, self.cfg.hyper], "ip": ip_knobs,
+                      "search": POINTS_VERSION, "model": "stem"})
+        if key not in self._points:
+            path = self.ctx.layout.file(f"points/stem-{key}.json")
+            found = cached(path, key)
+            pts = [Point(**p) for p in found["points"]] if found else choose_stem_points(self.cfg, ip_knobs)
+            if not found:
+                write_json(path, {"key": key, "ip_knobs": ip_knobs, "points": [p.as_dict() for p in pts]})
+            self._points[key] = pts
+        return self._points[key]
+
+    def retuning(self, points: list[Point], knobs: dict[str, Any]) -> dict[str, Any]:
+        val = {r.name: ev["val_top1"] for r, ev in self._evals(*build(self.cfg, points, knobs)).items()
+               if r.stage == "retune" and "val_top1" in ev}
+        return decide_retune(self.cfg, val, knobs)
+
     def work(self) -> tuple[list[Point], dict[str, Any], list[Run], list[Row]]:
+        """Points, tuning decisions (``tuning["retune"]``: the second round, which sets the
+        from-scratch ImagePiece knobs), runs and rows."""
         tuning = self.tuning()
         points = self.points(tuning["knobs"])
-        runs, rows = build(self.cfg, points, tuning["knobs"])
-        return points, tuning, runs, rows
+        retune = self.retuning(points, tuning["knobs"])
+        scratch = Scratch(tuple(self.stem_points(retune["knobs"])), retune["final"])
+        runs, rows = build(self.cfg, points, tuning["knobs"], scratch)
+        return points, dict(tuning, retune=retune), runs, rows
 
     def run_keys(self, runs: list[Run]) -> dict[str, str]:
         base = next(r for r in runs if r.name == BASELINE)
@@ -255,7 +277,7 @@ class Study:
         val = {r.name: ev["val_top1"] for r, ev in self._evals(runs, rows).items() if "val_top1" in ev}
         found = checks(self.cfg, val)
         wanted = found[:1] if order <= STAGES.index("checks") else found
-        return [f"{c[0]} = {c[1]} (want {c[2]})" for c in wanted if c[3] == "FAILED"]
+        return [f"{c[0]} = {c[1]} (want {c[2]})" for c in wanted if c[3] == "FAILED"]  # accepted ones aside
 
 
 def matches(step: Step, patterns: list[str]) -> bool:
@@ -277,11 +299,27 @@ def _architecture(cfg: StudyConfig, run: Run) -> Any:
 def load_payloads(study: Study) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any]]:
     """(evaluations by row name, speed, analyses by name) from the cache, current keys only."""
     points, tuning, runs, rows = study.work()
-    evals = {r.name: ev for r, ev in study._evals(runs, rows).items()}
+    by_name = {r.name: r for r in runs}
+    evals = {r.name: dict(ev, command=E.eval_command(study.ctx, by_name[r.run], r.spec))
+             for r, ev in study._evals(runs, rows).items()}
     steps = {s.name: s for s in study.steps() if s.name == "speed" or s.name.startswith("analysis:")}
     speed = cached(steps["speed"].path, steps["speed"].key)
     analyses = {n: cached(steps[f"analysis:{n}"].path, steps[f"analysis:{n}"].key) for n in ANALYSES}
     return evals, speed, {k: v for k, v in analyses.items() if v}
+
+
+def load_vectors(study: Study, evals: dict[str, Any]) -> dict[str, Any]:
+    """Per-image test correctness of every evaluated row (computed once, then cached), for the
+    paired comparisons."""
+    _, _, runs, rows = study.work()
+    keys, by_name = study.run_keys(runs), {r.name: r for r in runs}
+    out = {}
+    for row in rows:
+        ev = evals.get(row.name)
+        if ev is not None and "test_top1" in ev:
+            key = E.eval_key(keys[row.run], row.spec)
+            out[row.name] = E.correct(study.ctx, by_name[row.run], row.spec, key, ev["test_top1"])
+    return out
 
 
 def train_minutes(study: Study, runs: list[Run]) -> float:

@@ -21,8 +21,8 @@ from .points import Point, ip_spec
 
 # Stages in the order they run. "checks" comes first among the fine-tunes: it trains the two
 # runs that tell whether the schedule is long enough (see pipeline.checks).
-STAGES = ("baseline", "offtheshelf", "checks", "tune", "curves", "seeds", "controls", "stem", "speed",
-          "analyses", "report")
+STAGES = ("baseline", "offtheshelf", "checks", "tune", "curves", "seeds", "controls", "stem", "retune",
+          "scratch", "speed", "analyses", "report")
 BASELINE = "baseline"
 
 
@@ -82,6 +82,23 @@ def tuning_candidates(cfg: StudyConfig) -> dict[str, dict[str, Any]]:
     return out
 
 
+def retune_candidates(cfg: StudyConfig) -> dict[str, dict[str, Any]]:
+    """The second tuning round: knobs the first round left at their defaults, each alone, on top
+    of the first round's choice. ``early`` re-tokenizes right after the first block as well as
+    before each prune block (the reviews' "at the token-generation stage"); left out when the
+    default schedule already re-tokenizes in block 0. A merge share above 0.5 cannot be asked
+    of one round (only the A half of the non-semantic set can merge away: ``Retokenize``
+    refuses it); two rounds, which merge up to three quarters, were the first round's
+    ``rounds2``."""
+    out: dict[str, dict[str, Any]] = {f"locality{v:g}": {"locality": v} for v in (0.0, 0.3, 1.0)}
+    out["merge_share0.25"] = {"merge_share": 0.25}
+    default = make_plan("imagepiece", cfg.depth)
+    ones = tuple(i for i, op in enumerate(default.ops) if type(op).__name__ == "Retokenize")
+    if ones and ones[0] > 0:
+        out["early"] = {"retokenize_blocks": (0,) + ones}
+    return out
+
+
 def _two_rounds_where_free(depth: int) -> tuple[int, ...] | None:
     from imagepiece.plan import default_blocks
 
@@ -103,8 +120,10 @@ def _model_of(method: str) -> str:
     return COHERENT if method == "imagepiece" else MODEL
 
 
-def build(cfg: StudyConfig, points: list[Point], ip_knobs: dict[str, Any]) -> tuple[list[Run], list[Row]]:
-    """All runs (deduplicated by name, first stage wins) and rows, in stage order."""
+def build(cfg: StudyConfig, points: list[Point], ip_knobs: dict[str, Any],
+          scratch: Scratch | None = None) -> tuple[list[Run], list[Row]]:
+    """All runs (deduplicated by name, first stage wins) and rows, in stage order. ``scratch``
+    adds the from-scratch arms (left out until their operating points are known)."""
     runs: dict[str, Run] = {}
     rows: list[Row] = []
 
@@ -126,6 +145,9 @@ def build(cfg: StudyConfig, points: list[Point], ip_knobs: dict[str, Any]) -> tu
                "stem")
     add(stem, Row("control/imagepiece-stem/k07", "stem", stem.name, stem_method, "imagepiece-stem", "control",
                   "k07"))
+    _retune(cfg, ip_knobs, add)
+    if scratch is not None:
+        _scratch(cfg, scratch, add)
     return list(runs.values()), rows
 
 
@@ -144,6 +166,61 @@ def _tuning(cfg: StudyConfig, add) -> None:
         for seed in seeds:
             run = _ft("tune", COHERENT, ip_spec(0.7, knobs), seed)
             add(run, Row(f"tune/{cand}/s{seed}", "tune", run.name, run.method, cand, "tune", "k07", seed))
+
+
+def _retune(cfg: StudyConfig, ip_knobs: dict[str, Any], add) -> None:
+    """Each second-round candidate (one seed) and, as the reference it must beat, the first
+    round's choice at every seed (the same runs as the curve's keep-0.7 seeds)."""
+    for seed in cfg.seeds:
+        run = _ft("retune", COHERENT, ip_spec(0.7, ip_knobs), seed)
+        add(run, Row(f"retune/reference/s{seed}", "retune", run.name, run.method, "reference", "tune", "k07",
+                     seed))
+    for cand, knobs in retune_candidates(cfg).items():
+        run = _ft("retune", COHERENT, ip_spec(0.7, {**ip_knobs, **knobs}), cfg.seeds[0])
+        add(run, Row(f"retune/{cand}/s{cfg.seeds[0]}", "retune", run.name, run.method, cand, "tune", "k07",
+                     cfg.seeds[0]))
+
+
+@dataclass(frozen=True)
+class Scratch:
+    """What the from-scratch arms need: their operating points on the stem model, and whether
+    ImagePiece's knobs are settled (its arms wait for the second tuning round)."""
+
+    points: tuple[Point, ...]
+    imagepiece_ready: bool
+
+
+SCRATCH_SEEDS = 2  # seeds of every keep-0.7 arm and the stem baseline (hyper: the first, then the second)
+
+
+def scratch_order(cfg: StudyConfig) -> list[tuple[str, str, int]]:
+    """(arm, point, seed) of every from-scratch arm, in the order they train: a partial study
+    first gives the keep-0.7 comparison at seed 0, then its second seed, then hyper-speed, then
+    the coherence ablation (ImagePiece from scratch without the stem), then hyper's second seed."""
+    first, second = cfg.seeds[:SCRATCH_SEEDS]
+    k07 = ("none", "evit", "tome", "imagepiece")
+    hyper = ("evit", "tome", "imagepiece")
+    return ([(m, "-" if m == "none" else "k07", first) for m in k07]
+            + [(m, "-" if m == "none" else "k07", second) for m in k07]
+            + [(m, "hyper", first) for m in hyper] + [("imagepiece-nostem", "k07", first)]
+            + [(m, "hyper", second) for m in hyper])
+
+
+def _scratch(cfg: StudyConfig, scratch: Scratch, add) -> None:
+    by = {(p.method, p.label): p for p in scratch.points}
+    for arm, label, seed in scratch_order(cfg):
+        method = arm.split("-")[0]
+        if method == "imagepiece" and not scratch.imagepiece_ready:
+            continue
+        point = by.get((method, label))
+        if method != "none" and point is None:  # no knob reaches the target within 3%
+            continue
+        spec = "none" if method == "none" else point.spec
+        stem = arm != "imagepiece-nostem"
+        model, coherence = (COHERENT, "stem") if stem else (MODEL, None)
+        run = Run(run_name(model, spec, seed, True, coherence), "scratch", model, spec, seed, True, coherence)
+        add(run, Row(f"from-scratch/{arm}/{label}/s{seed}", "scratch", run.name, spec, arm, "from-scratch",
+                     label, seed))
 
 
 def _curves(cfg: StudyConfig, points: list[Point], add) -> None:

@@ -67,7 +67,8 @@ def group_stats(table: list[dict[str, Any]], kind: str, group: str, point: str) 
         return None
     speed = next((t["speedup"] for t in recs if t["speedup"] is not None), None)
     return {"kind": kind, "group": group, "point": point, "gmacs": recs[0]["gmacs"], "speedup": speed,
-            "spec": recs[0]["spec"], **seed_stats([t["test_top1"] for t in recs]),
+            "spec": recs[0]["spec"], "rows": [t["row"] for t in recs],
+            **seed_stats([t["test_top1"] for t in recs]),
             "val_mean": statistics.fmean(t["val_top1"] for t in recs)}
 
 
@@ -99,6 +100,26 @@ def matched(curve: list[dict[str, Any]], base_gmacs: float, reductions: Sequence
                 rec[f"top1_at_{r:g}x_speed"] = interpolate(_curve_xy(curve, kind, m, "speedup"), r)
             out.append(rec)
     return out
+
+
+def bracket(curve: list[dict[str, Any]], kind: str, method: str, x: str, at: float
+            ) -> list[tuple[float, list[str]]] | None:
+    """The curve points around ``at`` as (interpolation weight, row names of one point), so that
+    the value ``interpolate`` reads off the curve is ``sum(weight * seed mean of rows)``
+    (points of equal ``x`` share their weight, as ``interpolate`` averages them); None outside."""
+    merged: dict[float, list[list[str]]] = {}
+    for c in curve:
+        if c["kind"] == kind and c["group"] == method and c[x] is not None:
+            merged.setdefault(float(c[x]), []).append(c["rows"])
+    xs = sorted(merged)
+    if not xs or not xs[0] <= at <= xs[-1]:
+        return None
+    pair = next(((lo, hi) for lo, hi in zip(xs, xs[1:], strict=False) if lo <= at <= hi), None)
+    if pair is None:  # a single point, ``at`` equal to it
+        return [(1.0 / len(merged[xs[0]]), rows) for rows in merged[xs[0]]]
+    t = (at - pair[0]) / (pair[1] - pair[0])
+    return [(w / len(merged[v]), rows) for w, v in ((1 - t, pair[0]), (t, pair[1])) if w > 0
+            for rows in merged[v]]
 
 
 def noise_near(curve: list[dict[str, Any]], kind: str, method: str, gmacs: float) -> float:

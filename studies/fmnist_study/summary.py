@@ -7,9 +7,10 @@ import math
 import statistics
 from typing import Any
 
-from .claims import compute_claims
+from .claims import compute_claims, paired_groups
 from .config import StudyConfig
-from .registry import Row, tuning_candidates
+from .paired import pooled_std
+from .registry import Row, retune_candidates, tuning_candidates
 from .report import curves, group_stats, matched, row_table
 
 CONTROL_GROUPS = ("baseline-finetuned", "evit+coherence", "imagepiece-nocoherence", "imagepiece+tome",
@@ -47,8 +48,38 @@ def decide_tuning(cfg: StudyConfig, val: dict[str, float]) -> dict[str, Any]:
                         "(docs/study.md)"}
 
 
+def decide_retune(cfg: StudyConfig, val: dict[str, float], first: dict[str, Any]) -> dict[str, Any]:
+    """The second tuning round's decision, by the first round's rule: a candidate replaces the
+    first round's knobs (``first``) only when its validation top-1 beats the mean of the
+    reference's seeds by more than their range (at least ``cfg.tune_margin``). ``final`` is
+    False until every row is done, and then the first round's knobs are assumed."""
+    ref = [val[f"retune/reference/s{s}"] for s in cfg.seeds if f"retune/reference/s{s}" in val]
+    rows = [{"candidate": "reference", "knobs": first, "seeds": len(ref), "values": ref,
+             "val": ", ".join(f"{v:.2f}" for v in ref) or "pending", "complete": len(ref) == len(cfg.seeds)}]
+    for name, knobs in retune_candidates(cfg).items():
+        got = [val[k] for k in (f"retune/{name}/s{cfg.seeds[0]}",) if k in val]
+        rows.append({"candidate": name, "knobs": {**first, **knobs}, "seeds": len(got), "values": got,
+                     "val": ", ".join(f"{v:.2f}" for v in got) or "pending", "complete": bool(got)})
+    if not all(r["complete"] for r in rows):
+        return {"knobs": first, "final": False, "candidates": rows,
+                "decision": "pending (the first round's knobs assumed until every run is done)"}
+    mu, margin = statistics.fmean(ref), max(max(ref) - min(ref), cfg.tune_margin)
+    better = [r for r in rows[1:] if r["values"][0] - mu > margin]
+    if not better:
+        return {"knobs": first, "final": True, "candidates": rows,
+                "decision": f"the first round's knobs {first} kept: no candidate beat the reference's mean "
+                            f"{mu:.2f} by more than {margin:.2f} (its seed range, at least "
+                            f"{cfg.tune_margin})"}
+    best = max(better, key=lambda r: r["values"][0])
+    return {"knobs": best["knobs"], "final": True, "candidates": rows,
+            "decision": f"{best['candidate']} ({best['knobs']}) used for every from-scratch ImagePiece arm: "
+                        f"{best['values'][0]:.2f} vs the reference's mean {mu:.2f} "
+                        f"(+{best['values'][0] - mu:.2f} > {margin:.2f})"}
+
+
 def checks(cfg: StudyConfig, val: dict[str, float]) -> list[list[str]]:
-    """[check, value, target, result] rows; result is "ok", "FAILED" or "pending"."""
+    """[check, value, target, result] rows; result is "ok", "FAILED", "FAILED (accepted: why)" for a
+    check the configuration accepts, or "pending"."""
     base = val.get("scratch/baseline")
     evit = val.get("fine-tuned/evit/k07/s0")
     out = [["baseline val top-1 (the gate before any fine-tune)", base, f">= {cfg.baseline_val_target}",
@@ -56,7 +87,10 @@ def checks(cfg: StudyConfig, val: dict[str, float]) -> list[list[str]]:
     gap = None if base is None or evit is None else base - evit
     out.append(["EViT keep 0.7 fine-tune: val points below the baseline", gap, f"<= {cfg.ft_gap_target}",
                 None if gap is None else gap <= cfg.ft_gap_target])
-    return [[c, "pending" if v is None else f"{v:.2f}", t, {None: "pending", True: "ok", False: "FAILED"}[r]]
+    accepted = dict(cfg.accepted_checks)
+    return [[c, "pending" if v is None else f"{v:.2f}", t,
+             {None: "pending", True: "ok", False: "FAILED"}[r]
+             + (f" (accepted: {accepted[c]})" if r is False and c in accepted else "")]
             for c, v, t, r in out]
 
 
@@ -81,9 +115,44 @@ def _speed_note(speed: dict[str, Any] | None, noise: float) -> str:
             f"{100 * noise:.1f}%.")
 
 
+def pooled_seed_std(table: list[dict[str, Any]]) -> dict[str, float]:
+    """Pooled seed std of test top-1 per protocol (fine-tuned points and controls; from scratch,
+    which borrows the fine-tuned value until one of its arms has two seeds)."""
+    groups: dict[tuple, list[float]] = {}
+    for t in table:
+        groups.setdefault((t["kind"], t["group"], t["point"]), []).append(t["test_top1"])
+    ft = pooled_std([v for k, v in groups.items() if k[0] in ("fine-tuned", "control")])
+    scratch = pooled_std([v for k, v in groups.items() if k[0] == "from-scratch"])
+    return {"fine-tuned": ft, "from-scratch": ft if math.isnan(scratch) else scratch,
+            "from-scratch-own": scratch}
+
+
+def scratch_table(S: dict[str, Any]) -> list[dict[str, Any]]:
+    """One record per from-scratch arm: seeds, GMACs, images/s against the stem baseline, val and
+    test top-1, and the paired test difference to EViT at its point and to the stem baseline."""
+    t = S["table"]
+    arms = sorted({(r["group"], r["point"]) for r in t if r["kind"] == "from-scratch"},
+                  key=lambda a: (a[1] != "-", a[1] != "k07", a))
+    base = group_stats(t, "from-scratch", "none", "-")
+    out = []
+    for group, point in arms:
+        g = group_stats(t, "from-scratch", group, point)
+        evit = group_stats(t, "from-scratch", "evit", point)
+        rec = {"arm": group, "point": point, "spec": g["spec"], "seeds": g["n"], "mmacs": 1000 * g["gmacs"],
+               "speed_vs_stem_baseline": (g["speedup"] / base["speedup"]) if base and base["speedup"]
+               and g["speedup"] else None, "val_top1": g["val_mean"], "test_top1": g["mean"],
+               "test_std": g["std"] if g["n"] > 1 else None}
+        for name, other in (("evit", evit), ("stem_baseline", base)):
+            p = None if other is None or (other["group"], other["point"]) == (group, point) \
+                else paired_groups(S, g, other)
+            rec.update({f"vs_{name}_{k}": (p or {}).get(k) for k in ("diff", "lo", "hi")})
+        out.append(rec)
+    return out
+
+
 def summarize(cfg: StudyConfig, points: list[dict[str, Any]], rows: list[Row], evals: dict[str, dict],
               speed: dict[str, Any] | None, analyses: dict[str, Any], tuning: dict[str, Any],
-              minutes: float) -> dict[str, Any]:
+              minutes: float, vectors: dict[str, Any] | None = None) -> dict[str, Any]:
     table = row_table(rows, evals, speed)
     curve = curves(table, points)
     base = group_stats(table, "scratch", "baseline", "-")
@@ -99,6 +168,8 @@ def summarize(cfg: StudyConfig, points: list[dict[str, Any]], rows: list[Row], e
         "tuning": tuning, "checks": checks(cfg, val),
         "test_images": max((e.get("test_images", 0) for e in evals.values()), default=0),
         "setup": f"{len(table)} of {len(rows)} rows evaluated; training so far {minutes:.0f} min.",
+        "vectors": vectors or {}, "pooled": pooled_seed_std(table),
     }
+    S["scratch"] = scratch_table(S)
     S["claims"] = compute_claims(S)
     return S
