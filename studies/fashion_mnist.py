@@ -9,12 +9,15 @@ from scratch, with controls, tuning on the validation split and the paper's clai
     python studies/fashion_mnist.py --report                    # tables and plots from the cache
     python studies/fashion_mnist.py --config gpu                # 12 blocks, 192 wide, 56 px, on CUDA
     python studies/fashion_mnist.py --export                    # ship the models (replaces assets!)
+    python studies/fashion_mnist.py --save-partial              # keep unfinished runs with the results
     python studies/fashion_mnist.py --stage stem --threads 1 &  # two calls side by side, 1 thread each,
     python studies/fashion_mnist.py --stage checks --threads 1  # on different stages (never while timing)
 
 Every finished step is cached under ``results/fashion_mnist/<config>/`` with the key of its
 configuration, so re-running skips it; an interrupted training run continues from its last
-epoch (``runs/fashion_mnist/<config>/``, git-ignored); a changed configuration re-runs what it affects.
+epoch (``runs/fashion_mnist/<config>/``, git-ignored; ``--save-partial`` copies unfinished runs into
+``results/.../partial/`` for the next clone, which continues them); a changed configuration
+re-runs what it affects.
 See docs/study.md for the design.
 """
 
@@ -52,6 +55,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    "fine-tune misses its target (a configuration records the failed checks it accepts)")
     p.add_argument("--report", action="store_true", help="only rewrite the report from the cache")
     p.add_argument("--export", action="store_true", help="write the shipped models into the package")
+    p.add_argument("--save-partial", action="store_true", help="copy every unfinished training run into "
+                   "the results (partial/), to be committed: a fresh clone continues them (stop the runs "
+                   "first)")
     p.add_argument("--asset-dir", default=None, help="where --export writes (default: the package's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=int, default=None, help="torch threads of this call (default: the "
@@ -81,6 +87,10 @@ def main(argv: list[str] | None = None) -> str:
     if a.plan:
         print("\n".join(plan_lines(study, a.max_minutes or a.piece_minutes)))
         return "plan"
+    if a.save_partial:
+        saved = study.save_partial()
+        print("\n".join(f"saved {run}: {n} epochs" for run, n in saved) or "no unfinished run to save")
+        return "saved"
     if a.export:
         from fmnist_study.export import export
 

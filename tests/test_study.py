@@ -254,6 +254,23 @@ def test_killed_training_run_continues_from_its_last_epoch(tmp_path, points_cach
     assert [row["epoch"] for row in result["log"]] == [0, 1]
 
 
+def test_partial_run_saved_with_the_results_continues_on_a_fresh_clone(tmp_path, points_cache, threads):
+    """Catches: an unfinished run lost with its git-ignored folder (the next session starting it
+    again), a saved copy that does not continue exactly where the run stopped."""
+    study = make_study(tmp_path, points_cache, base_epochs=2)
+    base = next(s for s in study.steps() if s.name == f"train:{BASELINE}").run
+    steps_per_epoch = 440 // study.cfg.batch_size
+    kill = dict(E.train_values(study.ctx, base), stop_after_steps=steps_per_epoch + 2)
+    T.train(T.resolve_config(None, kill), overwrite=True)
+    assert study.save_partial() == [(BASELINE, 1)]
+    assert not os.path.exists(os.path.join(study.ctx.layout.partial(BASELINE), T.LOCK_FILE))
+    shutil.rmtree(tmp_path / "runs")  # a fresh clone: the results only
+    assert study.run(stages=["baseline"]) == "done"
+    result = json.load(open(study.ctx.layout.run_result(BASELINE)))
+    assert result["resumed_from"] == 1 and [row["epoch"] for row in result["log"]] == [0, 1]
+    assert study.save_partial() == []  # finished: nothing to keep
+
+
 def test_finished_steps_are_skipped_and_changed_ones_redone(tmp_path, points_cache, threads, monkeypatch):
     """Catches: finished steps run again, a changed configuration not noticed (stale results
     reused), --only not forcing its matches or forcing others, --max-minutes ignored."""

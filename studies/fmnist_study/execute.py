@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -100,6 +101,8 @@ def train_run(ctx: Context, run: Run, key: str, fresh: bool = False) -> dict[str
     cfg = T.resolve_config(None, values)
     run_dir = ctx.layout.run_dir(run.name)
     write_text(ctx.layout.run_config(run.name), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if not fresh:
+        restore_partial(ctx, run.name)
     done = epochs_done(run_dir) if not fresh and _same_config(run_dir, values) else 0
     t0 = time.time()
     if done == 0:
@@ -110,6 +113,41 @@ def train_run(ctx: Context, run: Run, key: str, fresh: bool = False) -> dict[str
     save_weights(weights, load_state_dict(os.path.join(run_dir, "checkpoints", "best")))
     result = _run_result(run, run_dir, key, values, ctx.layout.run_config(run.name), done, time.time() - t0)
     return dict(result, weights=weights, weights_sha256=_sha256(weights))
+
+
+def save_partial(ctx: Context, run: str) -> int:
+    """Copy an unfinished run's folder (its lock aside) into the results (``Layout.partial``) so
+    that a fresh clone continues it; returns the epochs it holds (0: nothing to keep, nothing
+    written). The copy must hold the epoch the run held when the copy began (a checkpoint saved
+    meanwhile is refused) before it replaces an older one."""
+    src, dst = ctx.layout.run_dir(run), ctx.layout.partial(run)
+    done = epochs_done(src)
+    if done == 0:
+        return 0
+    tmp = dst + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # our own leftover from an interrupted copy
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(T.LOCK_FILE))  # the lock is the live run's
+    if epochs_done(tmp) != done:
+        shutil.rmtree(tmp)
+        raise RuntimeError(f"{src}: its checkpoint changed while being copied; stop the run and save again")
+    if os.path.isdir(dst):
+        shutil.rmtree(dst)
+    os.replace(tmp, dst)
+    return done
+
+
+def restore_partial(ctx: Context, run: str) -> bool:
+    """Put a saved partial run back as the run's folder when the folder has no checkpoint and
+    the copy holds more epochs (a fresh clone, or another machine); True when it did."""
+    src, dst = ctx.layout.partial(run), ctx.layout.run_dir(run)
+    if not os.path.isdir(src) or epochs_done(src) <= epochs_done(dst):
+        return False
+    if os.path.isdir(dst) and os.listdir(dst):
+        raise RuntimeError(f"{dst} holds another, shorter copy of {run}: move it away to continue from "
+                           f"{src}")
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    return True
 
 
 def _sha256(path: str) -> str:

@@ -267,6 +267,16 @@ class Study:
         top = payload.get("val_top1")
         self.log(f"  done in {payload['step_minutes']:.1f} min" + (f", val top-1 {top:.2f}" if top else ""))
 
+    def save_partial(self) -> list[tuple[str, int]]:
+        """(run, epochs) of every unfinished training run copied into the results."""
+        out = []
+        for step in self.steps():
+            if step.name.startswith("train:") and status(step.path, step.key) != "done":
+                epochs = E.save_partial(self.ctx, step.run.name)
+                if epochs:
+                    out.append((step.run.name, epochs))
+        return out
+
     def failed_checks(self, stage: str) -> list[str]:
         """Checks that must pass before ``stage``: the baseline's before any fine-tune, EViT's
         keep-0.7 gap before anything after the ``checks`` stage."""

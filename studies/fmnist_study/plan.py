@@ -65,7 +65,8 @@ def step_status(study: Study, step: Step) -> str:
         took = (read_json(step.path) or {}).get("step_minutes")
         return "done" + (f" ({took:.1f} min)" if took is not None else "")
     if step.run is not None and step.name.startswith("train:"):
-        done = epochs_done(study.ctx.layout.run_dir(step.run.name))
+        layout = study.ctx.layout
+        done = max(epochs_done(layout.run_dir(step.run.name)), epochs_done(layout.partial(step.run.name)))
         if done:
             return f"partial ({done} epochs saved)"
     return state

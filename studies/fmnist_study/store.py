@@ -98,6 +98,11 @@ class Layout:
         fine-tunes and the export work on another machine than the one that trained them."""
         return os.path.join(self.out, "weights", f"{run}.safetensors")
 
+    def partial(self, run: str) -> str:
+        """A copy of an unfinished run's folder (log, config, last and best checkpoints) kept with
+        the results, so the next session on a fresh clone continues it (``--save-partial``)."""
+        return os.path.join(self.out, "partial", run)
+
     def evaluation(self, run: str, spec_slug: str) -> str:
         return os.path.join(self.out, "evals", f"{run}__{spec_slug}.json")
 
