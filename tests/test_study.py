@@ -210,7 +210,7 @@ def test_a_gated_call_fails_and_eval_commands_need_no_data_package(tmp_path, mon
         fashion_mnist.main(["--config", "smoke", "--out", str(tmp_path), "--runs", str(tmp_path)])
     study = Study(CONFIGS["smoke"], "/nowhere", str(tmp_path), str(tmp_path), log=lambda s: None)
     cmd = E.eval_command(study.ctx, Run("r", "stem", "m", "none", 0, True, "stem"), "evit:keep_rate=0.7")
-    assert "--data" not in cmd and "--split test" in cmd and "coherence=stem" in cmd
+    assert " --data " not in cmd and "--split test" in cmd and "coherence=stem" in cmd
 
 
 def test_tuning_changes_a_knob_only_beyond_the_default_seed_spread():
