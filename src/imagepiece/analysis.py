@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .checkpoint import atomic_write
 from .options import json_safe
+from .plan import MethodError, knob_names, parse_method
 
 __all__ = [
     "ANALYSES",
@@ -120,13 +121,11 @@ def _load_weights(model: nn.Module, path: str) -> None:
         raise AnalysisError(str(e)) from None
 
 
-def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"evit:keep_rate=0.5"`` -> ``("evit", {"keep_rate": 0.5})`` (the syntax of ``bench``)."""
-    from .bench import parse_method as _parse
-
+def _parse(spec: str) -> tuple[str, dict[str, Any]]:
+    """:func:`imagepiece.plan.parse_method`, raising :class:`AnalysisError` for a bad spec."""
     try:
-        return _parse(spec)
-    except ValueError as e:
+        return parse_method(spec)
+    except MethodError as e:
         raise AnalysisError(str(e)) from None
 
 
@@ -134,7 +133,7 @@ def apply_method(model: nn.Module, spec: str) -> nn.Module:
     """Patch ``model`` with the plan of ``spec``; a clear error when model and plan do not fit."""
     from . import patch
 
-    name, knobs = parse_method(spec)
+    name, knobs = _parse(spec)
     try:
         patch(model, name, **knobs)
     except (TypeError, ValueError) as e:
@@ -656,15 +655,13 @@ def keep_rate_sweep(model: nn.Module, ds: Dataset, methods: Sequence[str] = ("ev
     unmodified model. Each variant gets an untimed warm-up batch; images/s is the best of
     ``repeats`` passes over the data, the passes after the first interleaving all variants.
     On a shared CPU only the ratios of one run mean anything."""
-    from .bench import _knob_names
-
     loader = _loader(ds, batch_size)
     patches = int(math.prod(model.patch_embed.grid_size))
     depth = len(model.blocks)
     variants: list[tuple[str, str, str, float]] = [("none", "none", "-", float("nan"))]
     for spec in methods:
-        name, knobs = parse_method(spec)
-        names = _knob_names(name)
+        name, knobs = _parse(spec)
+        names = knob_names(name)
         if "keep_rate" in names and "keep_rate" not in knobs:
             values = [("keep_rate", kr) for kr in keep_rates]
         elif "r" in names and "r" not in knobs:

@@ -113,7 +113,7 @@ def bench(
 
 def _bench_model_args(items: list[str] | None) -> dict:
     from . import bench as B
-    from .runtime import _parse_value
+    from .plan import _parse_value
 
     kwargs = {}
     for item in items or []:

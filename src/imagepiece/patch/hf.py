@@ -18,7 +18,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..plan import ReductionPlan, make_plan
-from ..runtime import Controller, ModelInfo, ReducedModule, cut_blocks, pool_patches, run_blocks, swap_class
+from ..runtime import (
+    Controller,
+    ModelInfo,
+    ReducedModule,
+    cut_blocks,
+    original_class,
+    pool_patches,
+    run_blocks,
+    swap_class,
+)
 
 MIN_VERSION = "5.18"
 INSTALL_HINT = (f'transformers models need the "hf" extra: pip install "imagepiece[hf]" '
@@ -248,19 +257,15 @@ _TOWERS: dict[str, _Tower] = {
 _TOWER_CLASSES = {"ViTModel", "DeiTModel", "Dinov2Model", "Dinov2WithRegistersModel", "CLIPVisionModel"}
 
 
-def _unpatched_class(module: nn.Module) -> type:
-    return module.__dict__.get("_imagepiece_original_class", type(module))
-
-
 def _tower(model: nn.Module) -> tuple[nn.Module, _Tower]:
     """The tower of a supported model, checked layer by layer; ``TypeError`` otherwise."""
-    cls = _unpatched_class(model)
+    cls = original_class(model)
     name = cls.__name__
     spec = _TOWERS.get(name)
     if spec is None or not cls.__module__.startswith("transformers."):
         raise TypeError(f"{name} is not supported; supported: {SUPPORTED}")
     tower = getattr(model, spec.attr) if spec.attr else model
-    if _unpatched_class(tower).__name__ not in _TOWER_CLASSES:
+    if original_class(tower).__name__ not in _TOWER_CLASSES:
         raise TypeError(f"{name}.{spec.attr} is {type(tower).__name__}; supported: {SUPPORTED}")
     for i, layer in enumerate(spec.mixin._kind.layers(tower)):
         attn = getattr(layer, spec.mixin._kind.layout.attn, None)
