@@ -41,6 +41,7 @@ __all__ = [
     "SyntheticImages",
     "attentiveness_change",
     "build_data",
+    "check_fill",
     "important_merged",
     "keep_rate_sweep",
     "load_model",
@@ -211,8 +212,12 @@ def build_data(spec: str, split: str = "val", img_size: int = 32, num_classes: i
     images), ``fashion-mnist[:ROOT]``, ``imagefolder:ROOT`` or just ``ROOT`` (an ImageNet-style
     folder). Everything but ``synthetic`` uses ``imagepiece.data.build_dataset``.
     """
+    from .data import SPLITS
+
     if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 1):
         raise AnalysisError(f"length={length!r} is not allowed; expected an integer >= 1")
+    if split not in SPLITS:  # synthetic data has no folders, but a typo must not pass as "val"
+        raise AnalysisError(f"split={split!r} is not allowed; allowed: {', '.join(SPLITS)}")
     kind, _, root = (spec or "synthetic").partition(":")
     if kind == "synthetic":
         offset = 0 if split == "train" else 7_919_000
@@ -397,6 +402,15 @@ def default_mask_size(img_size: int) -> int:
     return max(1, round(16 * img_size / 224))
 
 
+def check_fill(fill: float) -> float:
+    """``fill`` when it is a finite number: NaN or infinite pixels would make every figure of
+    the masking analysis a number computed from NaN inputs."""
+    if isinstance(fill, bool) or not isinstance(fill, (int, float)) or not math.isfinite(fill):
+        raise AnalysisError(f"fill={fill!r} is not allowed; expected a finite number (0 = the "
+                            "dataset mean colour after normalisation)")
+    return float(fill)
+
+
 def random_masks(images: torch.Tensor, count: int, size: int, fill: float = 0.0, seed: int = 0,
                  aligned: bool = False) -> torch.Tensor:
     """A copy of ``images`` (B, C, H, W) with ``count`` random ``size``x``size`` squares per image
@@ -406,6 +420,7 @@ def random_masks(images: torch.Tensor, count: int, size: int, fill: float = 0.0,
     them to a grid of ``size`` (patch-aligned when ``size`` is the patch size). Masks may overlap.
     """
     B, _, H, W = images.shape
+    check_fill(fill)
     if count < 0 or size < 1 or size > min(H, W):
         raise AnalysisError(f"mask count {count} / size {size} not allowed for {H}x{W} images "
                             f"(count >= 0, 1 <= size <= {min(H, W)})")
@@ -438,7 +453,7 @@ def masking_robustness(model: nn.Module, ds: Dataset, methods: Sequence[str],
     bad = [n for n in counts if isinstance(n, bool) or not isinstance(n, int) or n < 0]
     if bad:
         raise AnalysisError(f"mask counts {bad} are not allowed; expected integers >= 0")
-    random_masks(torch.zeros(1, 1, H, W), 0, size)  # a bad mask size fails here, before any work
+    random_masks(torch.zeros(1, 1, H, W), 0, size, fill)  # a bad size or fill fails here, before any work
     loader = _loader(ds, batch_size)
     rows = []
     for spec in methods:

@@ -403,9 +403,21 @@ def _validate(config: BenchConfig) -> _Request:
         raise BenchError(f"allocator={config.allocator!r}; allowed: steady, default")
     if not config.methods:
         raise BenchError(f"no methods given; allowed: {', '.join(PRESETS)}")
-    for spec in config.methods:  # syntax and preset names before the (slow) model creation
-        _parse(spec)
+    # syntax, preset names and sweeps before the (slow) model creation
+    _check_sweeps(config, [_parse(spec) for spec in config.methods])
     return _Request(batches, threads, devices, dtypes, backends, calls)
+
+
+def _check_sweeps(config: BenchConfig, methods: list[tuple[str, dict[str, Any]]]) -> None:
+    """A keep-rate or r sweep must apply to at least one method (one with that knob, not fixed
+    in its spec): otherwise it would be ignored without a word."""
+    for option, knob, values in (("--keep-rate", "keep_rate", config.keep_rates), ("--r", "r", config.rs)):
+        if values and not any(knob in knob_names(name) and knob not in knobs for name, knobs in methods):
+            takers = ", ".join(n for n in PRESETS if knob in knob_names(n))
+            given = ", ".join(repr(s) for s in config.methods)
+            raise BenchError(f"{option} {', '.join(map(str, values))} applies to no method given "
+                             f"({given}): {knob} is a knob of {takers} (and is not swept where the "
+                             "spec fixes it)")
 
 
 def _check_backends(config: BenchConfig, devices: list[str], dtypes: list[str]) -> list[str]:

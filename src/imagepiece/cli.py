@@ -447,6 +447,12 @@ def _check_count(value, name: str, low: int):
     return check(value, name, low)
 
 
+def _check_fill(fill: float) -> None:
+    from .analysis import check_fill
+
+    check_fill(fill)
+
+
 def _analysis_inputs(ctx: typer.Context):
     import torch
 
@@ -516,7 +522,7 @@ def analyze_masking(
     _run_analyses(ctx, [("masking", dict(
         methods=method or ["none", "tome", "evit", "imagepiece"], counts=_int_list(counts, "--counts"),
         mask_size=mask_size, aligned=aligned, fill=fill, seed=ctx.obj["seed"]))],
-        lambda: _check_count(mask_size, "--mask-size", 1))
+        lambda: (_check_count(mask_size, "--mask-size", 1), _check_fill(fill)))
 
 
 @analyze_app.command("attentiveness")

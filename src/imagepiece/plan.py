@@ -316,7 +316,8 @@ def tome_schedule(r: RSchedule, depth: int) -> list[int]:
         _check_int("r", base)
         if isinstance(inflect, bool) or not isinstance(inflect, (int, float)) or not -1 <= inflect <= 1:
             raise ValueError(f"inflection={inflect!r} is not allowed; expected a number in [-1, 1] "
-                             "(r schedules as (r, inflection); use a list for per-block values)")
+                             "(r schedules as (r, inflection); per-block values are a list, in a "
+                             "method spec one that ends with ';': tome:r=4;4;)")
         lo = int(base * (1.0 - inflect))
         hi = 2 * base - lo
         step = (hi - lo) / (depth - 1) if depth > 1 else 0.0
@@ -525,7 +526,11 @@ class MethodError(ValueError):
 
 
 def _parse_value(text: str) -> Any:
+    """One knob value: a bool, ``None``, an int, a float or text; with ``;`` a tuple of them, or a
+    list when the value ends with ``;`` (``4;`` is ``[4]``, ``4;4;`` is ``[4, 4]``)."""
     text = text.strip()
+    if text.endswith(";"):
+        return [_parse_value(p) for p in text.split(";") if p.strip()]
     if ";" in text:
         return tuple(_parse_value(p) for p in text.split(";") if p.strip())
     low = text.lower()
@@ -546,9 +551,11 @@ def _parse_value(text: str) -> Any:
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
     """``"evit:keep_rate=0.5"`` -> ``("evit", {"keep_rate": 0.5})``.
 
-    Syntax: a preset name, optionally ``:`` and comma-separated ``knob=value`` pairs; a list
-    value separates its items with ``;`` (``imagepiece:keep_rate=0.5,blocks=1;4;7``, ToMe's
-    ``(r, inflection)`` schedule as ``tome:r=16;-0.5``). Only the syntax is checked here.
+    Syntax: a preset name, optionally ``:`` and comma-separated ``knob=value`` pairs, each knob
+    at most once; a list value separates its items with ``;`` (``imagepiece:blocks=1;4;7``). A
+    value that *ends* with ``;`` is always a per-block list: ToMe's ``tome:r=16;-0.5`` is the
+    ``(r, inflection)`` schedule, ``tome:r=4;4;`` is r=4 in blocks 0 and 1, ``tome:r=4;`` r=4 in
+    block 0 only. Only the syntax is checked here (the knobs by :func:`make_plan`).
     """
     if not isinstance(spec, str) or not spec.strip():
         raise MethodError(f"empty method spec {spec!r}; expected e.g. 'evit' or 'evit:keep_rate=0.5'")
@@ -564,14 +571,20 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
         if not eq or not key.strip() or not value.strip():
             raise MethodError(f"bad knob {item!r} in method {spec!r}; expected knob=value, "
                               "e.g. 'evit:keep_rate=0.5' or 'imagepiece:blocks=1;4;7'")
-        knobs[key.strip()] = _parse_value(value)
+        key = key.strip()
+        if key in knobs:
+            raise MethodError(f"knob {key!r} is given twice in method {spec!r}; give each knob once")
+        knobs[key] = _parse_value(value)
     return name, knobs
 
 
 def format_method(name: str, knobs: dict[str, Any]) -> str:
-    """The spec :func:`parse_method` reads back: ``("evit", {"keep_rate": 0.5})`` ->
-    ``"evit:keep_rate=0.5"``."""
+    """The spec :func:`parse_method` reads back as the same knobs: ``("evit", {"keep_rate": 0.5})``
+    -> ``"evit:keep_rate=0.5"``; a list ends with ``;`` (``[4]`` -> ``4;``), a tuple does not, so
+    two different plans never share a label."""
 
     def fmt(v):
-        return ";".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
+        if isinstance(v, list):
+            return "".join(f"{x};" for x in v)
+        return ";".join(map(str, v)) if isinstance(v, tuple) else str(v)
     return name + (":" + ",".join(f"{k}={fmt(v)}" for k, v in knobs.items()) if knobs else "")

@@ -9,6 +9,8 @@ patch tokens (DINOv2 classifiers) weight them by size. Weights and parameter nam
 
 from __future__ import annotations
 
+import pickle
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -218,10 +220,12 @@ class _ReducedCLIPVision(_ReducedTower):
 
 
 class _ReducedDinov2Classifier(ReducedModule):
-    """DINOv2 classifiers: [class token | size-weighted mean of the patch tokens] -> linear."""
+    """DINOv2 classifiers: [class token | size-weighted mean of the patch tokens] -> linear.
+    ``return_dict`` (argument or config) is honoured as by the unpatched model: a tuple when off."""
 
     imagepiece: Controller
 
+    @can_return_tuple
     def forward(self, pixel_values: torch.Tensor, labels=None, attention_mask=None,
                 **kwargs) -> ImageClassifierOutput:
         tower = getattr(self, self.base_model_prefix)
@@ -327,4 +331,13 @@ def load_pretrained(path: str) -> nn.Module:
         raise TypeError(f"{path}: architectures {getattr(config, 'architectures', None)} are not "
                         f"supported; supported: {SUPPORTED}")
     cls = getattr(transformers, names[0])
-    return cls.from_pretrained(path, local_files_only=True).eval()
+    try:
+        return cls.from_pretrained(path, local_files_only=True).eval()
+    except pickle.UnpicklingError as e:  # torch.load(weights_only=True) refused, nothing ran
+        found = re.search(r"GLOBAL ([\w.]+)|([\w.]+) was not an allowed global", str(e))
+        if found is None:  # not a refused class: the bytes are no pickle
+            raise ValueError(f"{path}: corrupt or unreadable weights ({type(e).__name__})") from None
+        what = found.group(1) or found.group(2)
+        raise ValueError(f"{path}: its weights hold Python objects that torch.load(weights_only=True) "
+                         f"refuses to unpickle ({what}); imagepiece never runs unsafe pickle. Re-save "
+                         "the model with save_pretrained (safetensors)") from None
