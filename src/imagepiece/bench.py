@@ -52,6 +52,7 @@ import torch
 import torch.nn as nn
 
 from .bench_report import NOISY_IQR, output_problem, render, write_csv, write_json, write_plot
+from .distributed import DeviceError, resolve_device
 from .measure import (
     BACKENDS,
     MODES,
@@ -271,18 +272,12 @@ def _check_positive(name: str, values: Sequence[int], low: int = 1) -> list[int]
 
 
 def _check_device(device: str) -> str:
-    dev = str(device).strip().lower()
-    if dev == "cpu":
-        return dev
-    if dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit()):
-        if not torch.cuda.is_available():
-            raise BenchError(f"device {device!r} was asked for but CUDA is not available on this "
-                             "machine; allowed here: cpu")
-        if ":" in dev and int(dev[5:]) >= torch.cuda.device_count():
-            raise BenchError(f"device {device!r} does not exist; this machine has "
-                             f"{torch.cuda.device_count()} CUDA device(s)")
-        return dev
-    raise BenchError(f"unknown device {device!r}; allowed: cpu, cuda, cuda:N")
+    """:func:`imagepiece.distributed.check_device`, with ``auto`` resolved (the device is part
+    of each group's label), raising :class:`BenchError`."""
+    try:
+        return str(resolve_device(device, "device"))
+    except DeviceError as e:
+        raise BenchError(str(e)) from None
 
 
 def _check_dtype(dtype: str) -> str:

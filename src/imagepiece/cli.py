@@ -457,6 +457,7 @@ def _analysis_inputs(ctx: typer.Context):
     import torch
 
     from .analysis import build_data, input_size, load_model
+    from .distributed import resolve_device
 
     o = ctx.obj
     if o["threads"]:
@@ -470,8 +471,7 @@ def _analysis_inputs(ctx: typer.Context):
         net = load_model(o["model"], kwargs, o["checkpoint"], o["num_classes"], seed=o["seed"])
     import torch
 
-    if o["device"] != "cpu":
-        net.to("cuda" if o["device"] == "cuda" or torch.cuda.is_available() else "cpu")
+    net.to(resolve_device(o["device"], "--device"))
     classes = net.num_classes or 10
     ds = build_data(o["data"], o["split"], input_size(net)[0], classes, o["length"], o["seed"])
     setup = {k: o[k] for k in ("model", "checkpoint", "data", "split", "length", "seed")}

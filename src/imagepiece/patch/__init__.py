@@ -79,12 +79,18 @@ def use_method(model: nn.Module, spec: str, registered: bool = False) -> nn.Modu
 
 def set_grad_checkpointing(model: nn.Module, enable: bool = True) -> None:
     """Turn recomputation of block activations in the backward pass on or off, through the
-    family's own switch (timm's ``set_grad_checkpointing``, transformers'
-    ``gradient_checkpointing_enable``); patched or not, the reduced forward honours it."""
+    family's own switch (timm's ``set_grad_checkpointing``; transformers'
+    ``activation_checkpointing_enable``, called ``gradient_checkpointing_enable`` up to 5.18);
+    patched or not, the reduced forward honours it."""
     if not is_transformers_model(model):
         model.set_grad_checkpointing(enable)
+    elif hasattr(model, "activation_checkpointing_enable"):
+        if enable:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
     elif enable:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable({"use_reentrant": False})
     else:
         model.gradient_checkpointing_disable()
 
