@@ -27,7 +27,8 @@ def bench(
     method: list[str] = typer.Option(
         None, "--method",
         help="Repeatable. A preset, optionally with knobs: 'evit', 'evit:keep_rate=0.5', "
-             "'tome:r=16', 'imagepiece:keep_rate=0.5,blocks=1;4;7' (lists use ';'). Default: "
+             "'tome:r=16', 'imagepiece:keep_rate=0.5,blocks=1;4;7' (lists use ';'; a trailing ';' makes a "
+             "per-block list: 'tome:r=4;4;'). Default: "
              "none, tome, evit, imagepiece and the hyper presets tome-hyper, evit-hyper, "
              "imagepiece-hyper."),
     keep_rate: list[float] = typer.Option(None, "--keep-rate",
