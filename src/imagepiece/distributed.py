@@ -51,7 +51,8 @@ def check_device(device: Any, option: str = "device") -> str:
     if not isinstance(dev, str) or not (dev in DEVICES or (dev[:5] == "cuda:" and dev[5:].isdigit())):
         raise DeviceError(f"{option}={device!r}; allowed: {', '.join(DEVICES)}, cuda:N")
     if dev.startswith("cuda") and not torch.cuda.is_available():
-        raise DeviceError(f"{option}={device!r} but no CUDA device is available; use cpu or auto")
+        raise DeviceError(f"{option}={device!r} but CUDA is not available on this machine; use cpu or "
+                          "auto")
     if dev[5:] and int(dev[5:]) >= torch.cuda.device_count():
         raise DeviceError(f"{option}={device!r} does not exist; this machine has "
                           f"{torch.cuda.device_count()} CUDA device(s): cuda:0..")
