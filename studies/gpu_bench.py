@@ -35,9 +35,9 @@ from imagepiece.bench import (
     BenchError,
     render,
     run_benchmark,
-    time_interleaved,
     write_json,
 )
+from imagepiece.measure import time_interleaved
 
 MODELS = ("deit_small_patch16_224", "deit_base_patch16_224")
 TINY = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=2)

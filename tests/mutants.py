@@ -74,6 +74,26 @@ def fused_bias_ignored():
     return setattr_(plan, "PRESETS", presets)
 
 
+def centroids_unweighted():
+    """Grid centroids (the only merged tensor with 2 features) averaged without size weights."""
+    original = ops.merge_weighted
+
+    def merge(index, x, size):
+        return original(index, x, None if x.shape[-1] == 2 else size)
+    return setattr_(ops, "merge_weighted", merge)
+
+
+def scores_in_input_dtype():
+    """Class attention softmaxed in the input dtype (bf16 ties), cast to fp32 afterwards."""
+    def class_attention(q, k, scale, num_prefix, has_class_token, bias=None):
+        query = q[:, :, :1] if has_class_token else q.mean(dim=2, keepdim=True)
+        logits = (query * scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias
+        return logits.softmax(dim=-1).float().mean(dim=1)[:, 0][:, num_prefix:]
+    return setattr_(ops, "class_attention", class_attention)
+
+
 class _PerPatchStem(torch.nn.Module):
     """Non-overlapping: one conv with kernel = stride = patch size."""
 
@@ -102,6 +122,10 @@ MUTANTS = {
     "fused_bias ignored": (fused_bias_ignored, [REF2]),
     "non-overlapping coherence stem": (lambda: setattr_(coherence, "CoherenceStem", _PerPatchStem), [
         T + "test_coherence_bias_overlaps_patches"]),
+    "centroids merged without sizes": (centroids_unweighted, [
+        T + "test_centroids_of_groups_merged_twice_are_size_weighted"]),
+    "class attention in bf16": (scores_in_input_dtype, [
+        "tests/test_patch.py::test_class_attention_ranks_in_float32"]),
 }
 
 

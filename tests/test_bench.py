@@ -9,8 +9,10 @@ from typer.testing import CliRunner
 
 import imagepiece
 from imagepiece import bench
-from imagepiece.bench import BenchConfig, BenchError, parse_method, run_benchmark
+from imagepiece.bench import BenchConfig, BenchError, run_benchmark
 from imagepiece.cli import app
+from imagepiece.measure import LimitViT, count_gmacs
+from imagepiece.plan import MethodError, parse_method
 
 TINY = "vit_tiny_patch16_224"
 TINY_KW = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=2)
@@ -75,9 +77,9 @@ def test_limit_runs_pre_cut_sequences():
     x = torch.randn(2, 3, 32, 32)
     n = model.patch_embed.num_patches + 1
     with torch.inference_mode():
-        same = bench.LimitViT(model, [(n, n)] * 4)(x)
+        same = LimitViT(model, [(n, n)] * 4)(x)
         torch.testing.assert_close(same, model(x), atol=1e-5, rtol=1e-5)
-        assert bench.LimitViT(model, [(n, n), (n, 30), (30, 20), (20, 20)])(x).shape == (2, 1000)
+        assert LimitViT(model, [(n, n), (n, 30), (30, 20), (20, 20)])(x).shape == (2, 1000)
 
 
 def test_parse_method():
@@ -88,7 +90,7 @@ def test_parse_method():
     assert parse_method("tome:r=16;-0.5,prop_attn=false") == ("tome", {"r": (16, -0.5),
                                                                      "prop_attn": False})
     for bad in ("evitt", "evit:keep_rate", "evit:=3", ""):
-        with pytest.raises(BenchError):
+        with pytest.raises(MethodError):
             parse_method(bad)
 
 
@@ -219,7 +221,6 @@ def test_gmacs_count_attention_exactly():
     """Every matmul counts, attention included (the fused CPU kernel has no flop formula)."""
     import timm
 
-    from imagepiece.bench import count_gmacs
 
     D, N, depth, P = 64, 65, 2, 64  # 8x8 patches of 4 px + class token
     m = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=D, num_heads=2,

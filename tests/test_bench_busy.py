@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from imagepiece import bench_busy as busy
-from imagepiece.bench_busy import CpuReading, judge, others_cores, parse_proc_stat
+from imagepiece.measure import busy
+from imagepiece.measure.busy import CpuReading, judge, others_cores, parse_proc_stat
 
 STAT = """cpu  300 0 100 5000 10 0 5 0 0 0
 cpu0 100 1 50 2000 5 2 3 4 0 0

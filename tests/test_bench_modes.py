@@ -11,9 +11,11 @@ import torch
 from typer.testing import CliRunner
 
 import imagepiece  # noqa: F401 (registers the imagepiece_* models)
-from imagepiece import bench, bench_backends
+from imagepiece import bench
 from imagepiece.bench import BenchConfig, run_benchmark
 from imagepiece.cli import app
+from imagepiece.measure import LimitViT, count_gmacs
+from imagepiece.measure import backends as bench_backends
 
 TINY = "vit_tiny_patch16_224"
 TINY_KW = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=2)
@@ -70,7 +72,7 @@ def test_train_modules_are_own_copies_with_checkpointing():
     mods = bench._group_modules(cfg, setup, "cpu")
     shared = {id(p) for m in setup.models.values() for p in m.parameters()}
     assert all(id(p) not in shared for m in mods.values() for p in m.parameters())
-    assert all((m.model if isinstance(m, bench.LimitViT) else m).grad_checkpointing
+    assert all((m.model if isinstance(m, LimitViT) else m).grad_checkpointing
                for m in mods.values())
     infer = bench._group_modules(tiny_config(), setup, "cpu")
     assert not any(getattr(m, "grad_checkpointing", False) for m in infer.values())
@@ -80,7 +82,7 @@ def test_limit_checkpoints_and_matches_in_training():
     model = tiny_model(num_classes=5).train()
     tokens = [(65, 65), (65, 40), (40, 30), (30, 30)]
     x = torch.randn(2, 3, 32, 32)
-    limit = bench.LimitViT(model, tokens)
+    limit = LimitViT(model, tokens)
     ref = limit(x)
     limit.set_grad_checkpointing(True)
     assert model.grad_checkpointing
@@ -195,7 +197,7 @@ def test_failing_baseline_leaves_ratios_empty(monkeypatch):
     real = bench_backends._onnxruntime
 
     def fake(module, x, threads):
-        if getattr(module, "imagepiece", None) is None and not isinstance(module, bench.LimitViT):
+        if getattr(module, "imagepiece", None) is None and not isinstance(module, LimitViT):
             raise ValueError("no baseline")
         return real(module, x, threads)
 
@@ -242,7 +244,7 @@ def test_registered_model_baseline_is_unreduced():
     assert created.imagepiece.plan.name != "none"  # created under a reducing plan
     unreduced = imagepiece.unpatch(created).eval()
     x = torch.randn(1, 3, 32, 32)
-    assert none.gmacs == pytest.approx(bench.count_gmacs(unreduced, x), rel=1e-9)
+    assert none.gmacs == pytest.approx(count_gmacs(unreduced, x), rel=1e-9)
     n = unreduced.patch_embed.num_patches + unreduced.num_prefix_tokens
     assert none.tokens == [(n, n)] * len(unreduced.blocks)
     assert ip.gmacs < none.gmacs and ip.final_tokens < n

@@ -121,7 +121,7 @@ def test_torchrun_eval_matches_one_process(run_dir, tmp_path):
 
 
 def test_speed_column_is_warmed_up_and_interleaved(run_dir, monkeypatch):
-    import imagepiece.bench as B
+    import imagepiece.measure as B
 
     calls = []
     real = B.time_interleaved

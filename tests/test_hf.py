@@ -381,3 +381,66 @@ def test_onnx_export_matches_eager():
         ref = model(other)
     (out2,) = session.run(None, {"images": other.numpy()})
     torch.testing.assert_close(torch.from_numpy(out2), ref, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------
+# Issue 22: return_dict, gradient checkpointing in bench, unsafe pickle in a folder
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["dinov2", "dinov2_registers"])
+def test_dinov2_classifier_return_dict_false_gives_a_tuple(family):
+    """Item 9: a patched DINOv2 classifier behaves as the unpatched one with return_dict=False."""
+    model, x = make(family), images(n=2)
+    with torch.no_grad():
+        ref = model(x, return_dict=False)
+        for plan in ("none", "tome"):
+            imagepiece.patch(model, plan, **({"r": 4} if plan == "tome" else {}))
+            out = model(x, return_dict=False)
+            assert isinstance(out, tuple) and len(out) == len(ref)
+            if plan == "none":
+                assert (out[0] - ref[0]).abs().max() <= 1e-5
+            assert torch.equal(out[0], model(x).logits)
+
+
+def test_bench_train_grad_checkpointing_uses_the_transformers_switch():
+    """Item 10: bench --mode train --grad-checkpointing on a transformers model turns on the
+    family's own checkpointing (every variant and every limit), instead of an AttributeError."""
+    from imagepiece import bench
+    from imagepiece.measure import LimitViT
+
+    cfg = bench.BenchConfig(model="folder", methods=("none", "evit"), mode="train",
+                            grad_checkpointing=True, busy_check=False)
+    setup = bench._setup(cfg, make("vit"), torch.Generator().manual_seed(0))
+    mods = bench._group_modules(cfg, setup, "cpu")
+    assert any(isinstance(m, LimitViT) for m in mods.values())
+    for m in mods.values():
+        layers = (m.model if isinstance(m, LimitViT) else m).vit.layers
+        assert all(layer.gradient_checkpointing for layer in layers)
+
+
+def test_folder_with_unsafe_pickle_is_refused_in_one_line(tmp_path):
+    """Item 14: a pytorch_model.bin holding a pickled call is refused with one line by every
+    tool, and the call never runs."""
+    import os
+
+    from typer.testing import CliRunner
+
+    from imagepiece.cli import app
+    from imagepiece.patch import load_transformers
+
+    class Call:
+        def __reduce__(self):
+            return (os.makedirs, (str(tmp_path / "ran"),))
+
+    model = make("vit")
+    folder = tmp_path / "evil"
+    model.config.architectures = ["ViTForImageClassification"]
+    model.config.save_pretrained(folder)
+    torch.save({**model.state_dict(), "x": Call()}, folder / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"os\.makedirs.*never runs unsafe pickle"):
+        load_transformers(str(folder))
+    res = CliRunner().invoke(app, ["bench", "--model", str(folder), "--method", "evit", "--runs", "1"])
+    assert res.exit_code == 2 and "never runs unsafe pickle" in res.output, res.output
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "ran").exists()

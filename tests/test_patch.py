@@ -411,8 +411,16 @@ def test_patched_model_pickles(tmp_path):
 
 
 def test_class_attention_ranks_in_float32():
-    """Scores stay fp32 under bf16 so near-equal scores do not collapse into ties."""
+    """Scores stay fp32 under bf16 so near-equal scores do not collapse into ties: logits 0.1%
+    apart (distinct in bf16) give strictly ordered scores, which bf16 probabilities (ulp about
+    0.4%) would tie. Caught mutation: the softmax taken in the input dtype and cast up after."""
     q = torch.randn(2, 3, 10, 8).bfloat16()
     k = torch.randn(2, 3, 10, 8).bfloat16()
     scores = imagepiece.ops.class_attention(q, k, 8 ** -0.5, 1, True)
     assert scores.dtype == torch.float32
+    n = 24
+    q = torch.ones(1, 1, n + 1, 1, dtype=torch.bfloat16)
+    k = (torch.arange(n + 1, dtype=torch.float32) * 1e-3).bfloat16().view(1, 1, n + 1, 1)
+    assert k.unique().numel() == n + 1  # the logits themselves are distinct in bf16
+    scores = imagepiece.ops.class_attention(q, k, 1.0, 1, True)[0]
+    assert torch.all(scores[1:] > scores[:-1]), scores

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .checkpoint import atomic_write
 from .options import json_safe
+from .plan import MethodError, knob_names, parse_method
 
 __all__ = [
     "ANALYSES",
@@ -40,6 +41,7 @@ __all__ = [
     "SyntheticImages",
     "attentiveness_change",
     "build_data",
+    "check_fill",
     "important_merged",
     "keep_rate_sweep",
     "load_model",
@@ -120,13 +122,11 @@ def _load_weights(model: nn.Module, path: str) -> None:
         raise AnalysisError(str(e)) from None
 
 
-def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"evit:keep_rate=0.5"`` -> ``("evit", {"keep_rate": 0.5})`` (the syntax of ``bench``)."""
-    from .bench import parse_method as _parse
-
+def _parse(spec: str) -> tuple[str, dict[str, Any]]:
+    """:func:`imagepiece.plan.parse_method`, raising :class:`AnalysisError` for a bad spec."""
     try:
-        return _parse(spec)
-    except ValueError as e:
+        return parse_method(spec)
+    except MethodError as e:
         raise AnalysisError(str(e)) from None
 
 
@@ -134,7 +134,7 @@ def apply_method(model: nn.Module, spec: str) -> nn.Module:
     """Patch ``model`` with the plan of ``spec``; a clear error when model and plan do not fit."""
     from . import patch
 
-    name, knobs = parse_method(spec)
+    name, knobs = _parse(spec)
     try:
         patch(model, name, **knobs)
     except (TypeError, ValueError) as e:
@@ -212,8 +212,12 @@ def build_data(spec: str, split: str = "val", img_size: int = 32, num_classes: i
     images), ``fashion-mnist[:ROOT]``, ``imagefolder:ROOT`` or just ``ROOT`` (an ImageNet-style
     folder). Everything but ``synthetic`` uses ``imagepiece.data.build_dataset``.
     """
+    from .data import SPLITS
+
     if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 1):
         raise AnalysisError(f"length={length!r} is not allowed; expected an integer >= 1")
+    if split not in SPLITS:  # synthetic data has no folders, but a typo must not pass as "val"
+        raise AnalysisError(f"split={split!r} is not allowed; allowed: {', '.join(SPLITS)}")
     kind, _, root = (spec or "synthetic").partition(":")
     if kind == "synthetic":
         offset = 0 if split == "train" else 7_919_000
@@ -398,6 +402,15 @@ def default_mask_size(img_size: int) -> int:
     return max(1, round(16 * img_size / 224))
 
 
+def check_fill(fill: float) -> float:
+    """``fill`` when it is a finite number: NaN or infinite pixels would make every figure of
+    the masking analysis a number computed from NaN inputs."""
+    if isinstance(fill, bool) or not isinstance(fill, (int, float)) or not math.isfinite(fill):
+        raise AnalysisError(f"fill={fill!r} is not allowed; expected a finite number (0 = the "
+                            "dataset mean colour after normalisation)")
+    return float(fill)
+
+
 def random_masks(images: torch.Tensor, count: int, size: int, fill: float = 0.0, seed: int = 0,
                  aligned: bool = False) -> torch.Tensor:
     """A copy of ``images`` (B, C, H, W) with ``count`` random ``size``x``size`` squares per image
@@ -407,6 +420,7 @@ def random_masks(images: torch.Tensor, count: int, size: int, fill: float = 0.0,
     them to a grid of ``size`` (patch-aligned when ``size`` is the patch size). Masks may overlap.
     """
     B, _, H, W = images.shape
+    check_fill(fill)
     if count < 0 or size < 1 or size > min(H, W):
         raise AnalysisError(f"mask count {count} / size {size} not allowed for {H}x{W} images "
                             f"(count >= 0, 1 <= size <= {min(H, W)})")
@@ -439,7 +453,7 @@ def masking_robustness(model: nn.Module, ds: Dataset, methods: Sequence[str],
     bad = [n for n in counts if isinstance(n, bool) or not isinstance(n, int) or n < 0]
     if bad:
         raise AnalysisError(f"mask counts {bad} are not allowed; expected integers >= 0")
-    random_masks(torch.zeros(1, 1, H, W), 0, size)  # a bad mask size fails here, before any work
+    random_masks(torch.zeros(1, 1, H, W), 0, size, fill)  # a bad size or fill fails here, before any work
     loader = _loader(ds, batch_size)
     rows = []
     for spec in methods:
@@ -656,15 +670,13 @@ def keep_rate_sweep(model: nn.Module, ds: Dataset, methods: Sequence[str] = ("ev
     unmodified model. Each variant gets an untimed warm-up batch; images/s is the best of
     ``repeats`` passes over the data, the passes after the first interleaving all variants.
     On a shared CPU only the ratios of one run mean anything."""
-    from .bench import _knob_names
-
     loader = _loader(ds, batch_size)
     patches = int(math.prod(model.patch_embed.grid_size))
     depth = len(model.blocks)
     variants: list[tuple[str, str, str, float]] = [("none", "none", "-", float("nan"))]
     for spec in methods:
-        name, knobs = parse_method(spec)
-        names = _knob_names(name)
+        name, knobs = _parse(spec)
+        names = knob_names(name)
         if "keep_rate" in names and "keep_rate" not in knobs:
             values = [("keep_rate", kr) for kr in keep_rates]
         elif "r" in names and "r" not in knobs:

@@ -9,9 +9,9 @@ to a shared, noisy machine); ``latency=True`` reports per-call milliseconds (p50
 Each backend (eager, ``torch.compile``, ONNX Runtime) is its own group with its own baseline.
 
 Modules, arrows pointing down: this one validates a request, builds the variants and runs the
-groups; :mod:`.bench_backends` makes the timed callable of a variant (backend, training step);
-:mod:`.bench_measure` holds the instruments (interleaved timing, the limit, GMACs);
-:mod:`.bench_busy` notices a busy machine; :mod:`.bench_report` prints and writes the results.
+groups; :mod:`imagepiece.measure` holds the instruments (interleaved timing, the limit, GMACs,
+busy-machine detection, the backends that make a variant's timed callable);
+:mod:`.bench_report` prints and writes the results.
 
 The **limit** of a plan runs the same blocks (same weights) on sequences that are already cut
 to the plan's token counts, with no selection work: attention (fused SDPA) on ``tokens_in``
@@ -51,22 +51,24 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .bench_backends import BACKENDS, MODES, build, inference_context
-from .bench_busy import BusyMonitor
-from .bench_measure import (
+from .bench_report import NOISY_IQR, output_problem, render, write_csv, write_json, write_plot
+from .distributed import DeviceError, resolve_device
+from .measure import (
+    BACKENDS,
+    MODES,
+    BusyMonitor,
     LimitViT,
-    _peak_mem,
-    _quantiles,
+    build,
     count_gmacs,
+    inference_context,
     machine_info,
+    peak_memory,
+    quantiles,
     steady_allocator,
     time_interleaved,
 )
-from .bench_report import NOISY_IQR, output_problem, render, write_csv, write_json, write_plot
-from .patch import describe, is_transformers_path, load_transformers, patch, unpatch, use_method  # noqa: F401
-from .plan import PRESETS, make_plan
-from .runtime import MethodError, format_method  # noqa: F401  (format_method: re-exported)
-from .runtime import parse_method as _parse_method
+from .patch import describe, is_transformers_path, load_transformers, patch, set_grad_checkpointing, unpatch
+from .plan import PRESETS, MethodError, format_method, knob_names, make_plan, parse_method
 
 __all__ = [
     "BACKENDS",
@@ -77,18 +79,10 @@ __all__ = [
     "BenchConfig",
     "BenchError",
     "BenchResult",
-    "LimitViT",
     "VariantResult",
     "check_outputs",
-    "count_gmacs",
-    "format_method",
-    "machine_info",
-    "parse_method",
     "render",
     "run_benchmark",
-    "steady_allocator",
-    "time_interleaved",
-    "use_method",
     "write_csv",
     "write_json",
     "write_plot",
@@ -147,7 +141,7 @@ class BenchConfig:
     compile_backend: str = "inductor"  # torch.compile's backend ("aot_eager" in fast tests)
     #: Mixed precision: autocast fp16 on CUDA (with a GradScaler in training), bf16 on CPU.
     amp: bool = False
-    grad_checkpointing: bool = False  # training mode: timm's set_grad_checkpointing()
+    grad_checkpointing: bool = False  # training mode: the family's gradient checkpointing
     #: Sample other processes' CPU use and time a calibration kernel around the rounds.
     busy_check: bool = True
 
@@ -213,7 +207,7 @@ class BenchResult:
     weights: str
     variants: list[VariantResult]
     #: One record per group: ``group`` (mode, backend, device, dtype, batch, threads), ``busy``,
-    #: ``reasons`` and the readings (see :mod:`imagepiece.bench_busy`).
+    #: ``reasons`` and the readings (see :mod:`imagepiece.measure.busy`).
     busy: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -227,23 +221,12 @@ class BenchResult:
 # --------------------------------------------------------------------------------------
 
 
-def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
-    """:func:`imagepiece.runtime.parse_method`, raising :class:`BenchError` for a bad spec."""
+def _parse(spec: str) -> tuple[str, dict[str, Any]]:
+    """:func:`imagepiece.plan.parse_method`, raising :class:`BenchError` for a bad spec."""
     try:
-        return _parse_method(spec)
+        return parse_method(spec)
     except MethodError as e:
         raise BenchError(str(e)) from None
-
-
-def _knob_names(name: str) -> set[str]:
-    import inspect
-
-    factory = PRESETS[name]
-    params = inspect.signature(factory).parameters
-    if "kw" in params:  # forwards its knobs to the imagepiece factory
-        params = inspect.signature(PRESETS["imagepiece"]).parameters
-    # functools.partial presets keep the partial's keywords in their signature
-    return set(params) - {"depth", "kw"}
 
 
 def _expand_methods(config: BenchConfig, depth: int) -> list[tuple[str, str, dict[str, Any]]]:
@@ -251,8 +234,8 @@ def _expand_methods(config: BenchConfig, depth: int) -> list[tuple[str, str, dic
     out: list[tuple[str, str, dict[str, Any]]] = [("none", "none", {})]
     seen = {"none"}
     for spec in config.methods:
-        name, knobs = parse_method(spec)
-        names = _knob_names(name)
+        name, knobs = _parse(spec)
+        names = set(knob_names(name))
         variants = [knobs]
         if config.keep_rates and "keep_rate" in names and "keep_rate" not in knobs:
             variants = [{**v, "keep_rate": kr} for v in variants for kr in config.keep_rates]
@@ -289,18 +272,12 @@ def _check_positive(name: str, values: Sequence[int], low: int = 1) -> list[int]
 
 
 def _check_device(device: str) -> str:
-    dev = str(device).strip().lower()
-    if dev == "cpu":
-        return dev
-    if dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit()):
-        if not torch.cuda.is_available():
-            raise BenchError(f"device {device!r} was asked for but CUDA is not available on this "
-                             "machine; allowed here: cpu")
-        if ":" in dev and int(dev[5:]) >= torch.cuda.device_count():
-            raise BenchError(f"device {device!r} does not exist; this machine has "
-                             f"{torch.cuda.device_count()} CUDA device(s)")
-        return dev
-    raise BenchError(f"unknown device {device!r}; allowed: cpu, cuda, cuda:N")
+    """:func:`imagepiece.distributed.check_device`, with ``auto`` resolved (the device is part
+    of each group's label), raising :class:`BenchError`."""
+    try:
+        return str(resolve_device(device, "device"))
+    except DeviceError as e:
+        raise BenchError(str(e)) from None
 
 
 def _check_dtype(dtype: str) -> str:
@@ -421,9 +398,21 @@ def _validate(config: BenchConfig) -> _Request:
         raise BenchError(f"allocator={config.allocator!r}; allowed: steady, default")
     if not config.methods:
         raise BenchError(f"no methods given; allowed: {', '.join(PRESETS)}")
-    for spec in config.methods:  # syntax and preset names before the (slow) model creation
-        parse_method(spec)
+    # syntax, preset names and sweeps before the (slow) model creation
+    _check_sweeps(config, [_parse(spec) for spec in config.methods])
     return _Request(batches, threads, devices, dtypes, backends, calls)
+
+
+def _check_sweeps(config: BenchConfig, methods: list[tuple[str, dict[str, Any]]]) -> None:
+    """A keep-rate or r sweep must apply to at least one method (one with that knob, not fixed
+    in its spec): otherwise it would be ignored without a word."""
+    for option, knob, values in (("--keep-rate", "keep_rate", config.keep_rates), ("--r", "r", config.rs)):
+        if values and not any(knob in knob_names(name) and knob not in knobs for name, knobs in methods):
+            takers = ", ".join(n for n in PRESETS if knob in knob_names(n))
+            given = ", ".join(repr(s) for s in config.methods)
+            raise BenchError(f"{option} {', '.join(map(str, values))} applies to no method given "
+                             f"({given}): {knob} is a knob of {takers} (and is not swept where the "
+                             "spec fixes it)")
 
 
 def _check_backends(config: BenchConfig, devices: list[str], dtypes: list[str]) -> list[str]:
@@ -578,7 +567,7 @@ def _group_modules(config: BenchConfig, setup: _Setup, device: str) -> dict[tupl
         mods = {k: copy.deepcopy(m) for k, m in mods.items()}
         if config.grad_checkpointing:
             for m in mods.values():
-                m.set_grad_checkpointing(True)
+                set_grad_checkpointing(m, True)
     return {k: m.to(device) for k, m in mods.items()}
 
 
@@ -616,7 +605,7 @@ def _measure_group(config: BenchConfig, setup: _Setup, group: tuple, calls: int,
             inference=mode == "inference", repeat=calls,
             between=monitor.round if monitor is not None else None)
     report = monitor.stop() if monitor is not None else None
-    peaks = {k: _peak_mem(fn, x, device, ctx) for k, fn in fns.items() if k[0] == "v"}
+    peaks = {k: peak_memory(fn, x, device, ctx) for k, fn in fns.items() if k[0] == "v"}
     return _summarise(setup, group, times, prep, errors, peaks), report
 
 
@@ -628,7 +617,7 @@ def _speeds(t: list[float] | None, base_t: list[float] | None, batch: int) -> di
     if not t:
         return out
     ips = [batch / s for s in t]
-    q1, q3 = _quantiles(ips)
+    q1, q3 = quantiles(ips)
     ms = sorted(s * 1e3 for s in t)
     pct = statistics.quantiles(ms, n=100, method="inclusive") if len(ms) > 1 else ms * 99
     out.update(ips_median=statistics.median(ips), ips_q1=q1, ips_q3=q3, ips_min=min(ips),

@@ -27,7 +27,8 @@ def bench(
     method: list[str] = typer.Option(
         None, "--method",
         help="Repeatable. A preset, optionally with knobs: 'evit', 'evit:keep_rate=0.5', "
-             "'tome:r=16', 'imagepiece:keep_rate=0.5,blocks=1;4;7' (lists use ';'). Default: "
+             "'tome:r=16', 'imagepiece:keep_rate=0.5,blocks=1;4;7' (lists use ';'; a trailing ';' makes a "
+             "per-block list: 'tome:r=4;4;'). Default: "
              "none, tome, evit, imagepiece and the hyper presets tome-hyper, evit-hyper, "
              "imagepiece-hyper."),
     keep_rate: list[float] = typer.Option(None, "--keep-rate",
@@ -113,7 +114,7 @@ def bench(
 
 def _bench_model_args(items: list[str] | None) -> dict:
     from . import bench as B
-    from .runtime import _parse_value
+    from .plan import _parse_value
 
     kwargs = {}
     for item in items or []:
@@ -447,10 +448,17 @@ def _check_count(value, name: str, low: int):
     return check(value, name, low)
 
 
+def _check_fill(fill: float) -> None:
+    from .analysis import check_fill
+
+    check_fill(fill)
+
+
 def _analysis_inputs(ctx: typer.Context):
     import torch
 
     from .analysis import build_data, input_size, load_model
+    from .distributed import resolve_device
 
     o = ctx.obj
     if o["threads"]:
@@ -464,8 +472,7 @@ def _analysis_inputs(ctx: typer.Context):
         net = load_model(o["model"], kwargs, o["checkpoint"], o["num_classes"], seed=o["seed"])
     import torch
 
-    if o["device"] != "cpu":
-        net.to("cuda" if o["device"] == "cuda" or torch.cuda.is_available() else "cpu")
+    net.to(resolve_device(o["device"], "--device"))
     classes = net.num_classes or 10
     ds = build_data(o["data"], o["split"], input_size(net)[0], classes, o["length"], o["seed"])
     setup = {k: o[k] for k in ("model", "checkpoint", "data", "split", "length", "seed")}
@@ -516,7 +523,7 @@ def analyze_masking(
     _run_analyses(ctx, [("masking", dict(
         methods=method or ["none", "tome", "evit", "imagepiece"], counts=_int_list(counts, "--counts"),
         mask_size=mask_size, aligned=aligned, fill=fill, seed=ctx.obj["seed"]))],
-        lambda: _check_count(mask_size, "--mask-size", 1))
+        lambda: (_check_count(mask_size, "--mask-size", 1), _check_fill(fill)))
 
 
 @analyze_app.command("attentiveness")

@@ -14,8 +14,9 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DEVICES", "DeviceError", "DistInfo", "all_reduce_sum", "broadcast_object", "check_device",
-           "finish", "setup_distributed"]
+           "finish", "resolve_device", "setup_distributed"]
 
+#: The device names every tool accepts; ``cuda:N`` (a GPU by index) as well.
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -42,27 +43,44 @@ class DistInfo:
 
 
 def check_device(device: Any, option: str = "device") -> str:
-    """``device`` when it is one of :data:`DEVICES` and present; a one-line error otherwise.
+    """``device`` (trimmed, lower case) when it is one of :data:`DEVICES` or ``cuda:N`` and
+    present on this machine; a one-line error otherwise. The one device check of every tool
+    (train, eval, analyze, visualize, bench), run before any work, so a typo (``tpu``) is not
+    silently run on the CPU."""
+    dev = device.strip().lower() if isinstance(device, str) else device
+    if not isinstance(dev, str) or not (dev in DEVICES or (dev[:5] == "cuda:" and dev[5:].isdigit())):
+        raise DeviceError(f"{option}={device!r}; allowed: {', '.join(DEVICES)}, cuda:N")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError(f"{option}={device!r} but CUDA is not available on this machine; use cpu or "
+                          "auto")
+    if dev[5:] and int(dev[5:]) >= torch.cuda.device_count():
+        raise DeviceError(f"{option}={device!r} does not exist; this machine has "
+                          f"{torch.cuda.device_count()} CUDA device(s): cuda:0..")
+    return dev
 
-    Checked before any work, so a typo (``tpu``) is not silently run on the CPU.
-    """
-    if device not in DEVICES:
-        raise DeviceError(f"{option}={device!r}; allowed: {', '.join(DEVICES)}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(f"{option}='cuda' but no CUDA device is available; use cpu or auto")
-    return device
+
+def resolve_device(device: Any, option: str = "device") -> torch.device:
+    """The :class:`torch.device` a checked ``device`` names (``auto``: CUDA when available)."""
+    dev = check_device(device, option)
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(dev)
 
 
 def setup_distributed(device: str = "auto") -> DistInfo:
     """Join the torchrun process group when there is one (nccl on GPU, gloo on CPU)."""
-    check_device(device)
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    asked = resolve_device(device)
+    use_cuda = asked.type == "cuda"
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    if asked.index is not None and world > 1:
+        raise DeviceError(f"device={device!r} names one GPU, but torchrun gives each of its {world} "
+                          "processes its own (LOCAL_RANK); use --device cuda")
+    index = local if asked.index is None else asked.index
     if use_cuda:
-        torch.cuda.set_device(local)
-    dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+        torch.cuda.set_device(index)
+    dev = torch.device("cuda", index) if use_cuda else torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return DistInfo(rank, world, local, dev)

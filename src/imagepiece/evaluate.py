@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .patch import describe, is_transformers_path, load_transformers
+from .plan import parse_method
 
 __all__ = ["EvalConfig", "EvalError", "check_config", "evaluate_model", "evaluate_plans", "make_eval_loader",
            "render", "write_json"]
@@ -119,7 +120,6 @@ class EvalConfig:
 
 def check_config(cfg: EvalConfig) -> None:
     """Every value of ``cfg`` in its range, before any work (0 never stands for a default)."""
-    from .bench import parse_method
     from .data import DATASET_KINDS, SPLITS
     from .distributed import check_device
     from .options import check_count
@@ -174,7 +174,6 @@ def evaluate_plans(cfg: EvalConfig, progress: Any = None) -> dict[str, Any]:
     """
     import timm
 
-    from .bench import parse_method
     from .data import num_classes_of
     from .distributed import setup_distributed
 
@@ -282,7 +281,7 @@ def _eval_model(cfg: EvalConfig, name: str, saved: dict[str, Any], img_size: int
 
 def _under_method(model: nn.Module, spec: str, own_plan: bool) -> nn.Module:
     """``model`` under the plan of ``spec``."""
-    from .bench import use_method
+    from .patch import use_method
 
     try:
         return use_method(model, spec, registered=own_plan)
@@ -293,8 +292,9 @@ def _under_method(model: nn.Module, spec: str, own_plan: bool) -> nn.Module:
 def _time_plans(models: dict[str, nn.Module], loader: DataLoader, cfg: EvalConfig, info: Any
                 ) -> dict[str, float]:
     """Images/s of each model on the first batch, interleaved round by round (see
-    ``bench.time_interleaved``); the slowest process bounds the throughput under torchrun."""
-    from .bench import time_interleaved
+    :func:`imagepiece.measure.time_interleaved`); the slowest process bounds the throughput under
+    torchrun."""
+    from .measure import time_interleaved
 
     if cfg.timing_runs == 0:
         return {}
@@ -341,8 +341,8 @@ def evaluate_shipped(data_root: str | None = None, split: str = "test", max_imag
                      progress: Any = None) -> dict[str, Any]:
     """Accuracy of every model shipped in the package (each under its own plan) on Fashion-MNIST,
     then their images/s, interleaved in one process, as ratios to the shipped baseline."""
-    from .bench import count_gmacs, time_interleaved
     from .data import DEBIAN_FASHION_ROOT, PACKAGED_FASHION_ROOT, build_dataset, default_fashion_root
+    from .measure import count_gmacs, time_interleaved
     from .zoo import load_shipped, shared_img_size, shipped_models
 
     cards = shipped_models()

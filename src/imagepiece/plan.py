@@ -4,28 +4,35 @@ A :class:`ReductionPlan` is a per-block list of operations (:class:`Merge` for T
 :class:`Prune` for EViT, :class:`Retokenize` for ImagePiece). :meth:`ReductionPlan.resolve`
 turns it into concrete integers for one input size. Token counts depend only on the input size
 and the plan, never on image content, so batches stay rectangular and shapes stay static.
+Method specs (``"evit:keep_rate=0.5"``), the text form of a preset and its knobs, are read and
+written here too (:func:`parse_method`, :func:`format_method`).
 """
 
 from __future__ import annotations
 
+import difflib
 import functools
 import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 __all__ = [
     "DEFAULT_LOCALITY",
     "Merge",
+    "MethodError",
     "Prune",
     "PRESETS",
     "ReductionPlan",
     "Retokenize",
     "Step",
     "default_blocks",
+    "format_method",
     "keep_rate_warmup",
+    "knob_names",
     "make_plan",
+    "parse_method",
     "tome_schedule",
 ]
 
@@ -90,7 +97,11 @@ class Retokenize:
     The non-semantic set is the bottom ``m`` patch tokens by class attention, where ``m`` is
     - ``2 · r`` when ``r`` is given (``r`` merges, e.g. in place of a ToMe merge),
     - else ``round(nonsemantic_share · n)`` when that is given,
-    - else the number the next :class:`Prune` block will drop (the paper's default).
+    - else EViT's drop count for the tokens entering this block: ``n - ceil(keep_rate · base)``
+      with the next :class:`Prune`'s keep rate (``base`` = ``n`` here, or the count the plan's
+      budget names; the paper's default). It is counted *before* merging: after the ``r``
+      merges the prune drops ``m - r`` tokens (more under ``budget="compound"``, whose
+      keep rate counts the tokens left after merging).
     It is split alternately into A and B and ``floor(merge_share · m)`` A tokens merge into
     their best B token. As in ToMe the matching is many-to-one: several A tokens may join one
     B token, so one round can form groups larger than two. ``pairs_only`` makes it one-to-one
@@ -274,7 +285,8 @@ def _resolve_retokenize(op: Retokenize, i: int, ops: list, n_tok: int, num_prefi
                 f"Retokenize at block {i} needs r, nonsemantic_share, or a later Prune block "
                 "to size its non-semantic set"
             )
-        # Exactly the tokens the next prune will drop, under the plan's budget.
+        # EViT's drop count for the tokens entering this block (before merging; the prune then
+        # drops m - r of what is left), under the plan's budget.
         m = n - min(_prune_keep(nxt.keep_rate, n if base is None else base), n)
     r = m // 2 if op.r is not None else math.floor(op.merge_share * m)
     if r <= 0:
@@ -304,7 +316,8 @@ def tome_schedule(r: RSchedule, depth: int) -> list[int]:
         _check_int("r", base)
         if isinstance(inflect, bool) or not isinstance(inflect, (int, float)) or not -1 <= inflect <= 1:
             raise ValueError(f"inflection={inflect!r} is not allowed; expected a number in [-1, 1] "
-                             "(r schedules as (r, inflection); use a list for per-block values)")
+                             "(r schedules as (r, inflection); per-block values are a list, in a "
+                             "method spec one that ends with ';': tome:r=4;4;)")
         lo = int(base * (1.0 - inflect))
         hi = 2 * base - lo
         step = (hi - lo) / (depth - 1) if depth > 1 else 0.0
@@ -344,7 +357,13 @@ def default_blocks(depth: int) -> tuple[int, ...]:
     return tuple(sorted({depth // 4, depth // 2, 3 * depth // 4}))
 
 
-def _check_blocks(blocks: Sequence[int], depth: int, what: str) -> tuple[int, ...]:
+def _check_blocks(blocks: int | Sequence[int], depth: int, what: str) -> tuple[int, ...]:
+    """Sorted, distinct, in-range block indices; a single int is one block."""
+    if isinstance(blocks, int) and not isinstance(blocks, bool):
+        blocks = (blocks,)
+    if isinstance(blocks, str) or not isinstance(blocks, Sequence):
+        raise ValueError(f"{what} blocks={blocks!r} is not allowed; expected a block index or a list "
+                         "of them")
     blocks = tuple(blocks)
     for b in blocks:
         if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < depth:
@@ -375,11 +394,13 @@ def _evit(depth: int, keep_rate: float = 0.7, blocks: Sequence[int] | None = Non
 
 
 def _imagepiece(depth: int, keep_rate: float = 0.7, blocks: Sequence[int] | None = None,
-                fuse: bool = True, rounds: int | None = None, merge_share: float = 0.5,
+                rounds: int | None = None, merge_share: float = 0.5,
                 locality: float = DEFAULT_LOCALITY, prop_attn: bool = True,
                 retokenize_blocks: Sequence[int] | None = None, pairs_only: bool = False,
-                size_norm: bool = False, fused_bias: bool = True,
-                budget: str = "evit") -> ReductionPlan:
+                size_norm: bool = False, fused_bias: bool = True, budget: str = "evit",
+                nonsemantic_share: float | None = None, _fuse: bool = True) -> ReductionPlan:
+    """ImagePiece (``_fuse=False``: ``imagepiece-discard``, a preset of its own, so a plan's
+    name always says whether the leftover tokens are fused)."""
     blocks = _check_blocks(default_blocks(depth) if blocks is None else blocks, depth, "prune")
     if retokenize_blocks is None:
         retokenize_blocks = _retokenize_blocks(blocks, rounds)
@@ -388,10 +409,11 @@ def _imagepiece(depth: int, keep_rate: float = 0.7, blocks: Sequence[int] | None
     retok = _check_blocks(retokenize_blocks, depth, "retokenize")
     if set(retok) & set(blocks):
         raise ValueError(f"retokenize_blocks {retok} overlap prune blocks {blocks}")
-    entries: dict[int, Op] = {b: Prune(keep_rate, fuse, size_norm) for b in blocks}
-    entries.update({b: Retokenize(merge_share=merge_share, locality=locality, pairs_only=pairs_only,
-                                  size_norm=size_norm) for b in retok})
-    name = "imagepiece" if fuse else "imagepiece-discard"
+    entries: dict[int, Op] = {b: Prune(keep_rate, _fuse, size_norm) for b in blocks}
+    entries.update({b: Retokenize(merge_share=merge_share, nonsemantic_share=nonsemantic_share,
+                                  locality=locality, pairs_only=pairs_only, size_norm=size_norm)
+                    for b in retok})
+    name = "imagepiece" if _fuse else "imagepiece-discard"
     return ReductionPlan(_place(depth, entries), prop_attn, name=name, budget=budget,
                          fused_bias=fused_bias)
 
@@ -438,7 +460,7 @@ def _imagepiece_tome(depth: int, r: RSchedule = 13, retokenize_blocks: Sequence[
 
 
 def _discard(depth: int, **kw) -> ReductionPlan:
-    return _imagepiece(depth, fuse=False, **kw)
+    return _imagepiece(depth, _fuse=False, **kw)
 
 
 PRESETS = {
@@ -458,6 +480,20 @@ PRESETS = {
 }
 
 
+def knob_names(plan: str) -> list[str]:
+    """The knobs a preset takes, in its signature's order (``ValueError`` for an unknown name).
+
+    A preset that forwards its knobs (``imagepiece-discard``) takes those of ``imagepiece``;
+    ``functools.partial`` presets keep their bound knobs, which may be given again. Parameters
+    starting with ``_`` are the preset's own business, not knobs."""
+    if not isinstance(plan, str) or plan not in PRESETS:
+        raise ValueError(f"unknown plan {plan!r}; allowed: {', '.join(PRESETS)}")
+    params = inspect.signature(PRESETS[plan]).parameters
+    if "kw" in params:  # a preset that forwards its knobs to another
+        params = inspect.signature(_imagepiece).parameters
+    return [p for p in params if p not in ("depth", "kw") and not p.startswith("_")]
+
+
 def make_plan(plan: str | ReductionPlan | None, depth: int = 12, **kwargs) -> ReductionPlan:
     """A plan from a preset name and its knobs, or a given :class:`ReductionPlan` unchanged."""
     if plan is None:
@@ -469,14 +505,86 @@ def make_plan(plan: str | ReductionPlan | None, depth: int = 12, **kwargs) -> Re
     if not isinstance(plan, str) or plan not in PRESETS:
         raise ValueError(f"unknown plan {plan!r}; allowed: {', '.join(PRESETS)} or a ReductionPlan")
     _check_int("depth", depth, 1)
-    factory = PRESETS[plan]
-    params = inspect.signature(factory).parameters
-    if "kw" in params:  # a preset that forwards its knobs to another
-        params = inspect.signature(_imagepiece).parameters
-    allowed = [p for p in params if p not in ("depth", "kw", "fuse")]
-    unknown = sorted(set(kwargs) - set(params))
+    allowed = knob_names(plan)
+    unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
-        raise TypeError(f"plan {plan!r} got unexpected knobs {unknown}; allowed: {allowed}")
-    made = factory(depth, **kwargs)
+        hint = (" (the preset fixes fusing: 'imagepiece' fuses what it drops, 'imagepiece-discard' "
+                "discards it)"
+                if "fuse" in unknown and plan.startswith("imagepiece") else "")
+        raise TypeError(f"plan {plan!r} got unexpected knobs {unknown}; allowed: {allowed}{hint}")
+    made = PRESETS[plan](depth, **kwargs)
     return replace(made, name=plan) if made.name != plan else made
 
+
+# --------------------------------------------------------------------------------------
+# Method specs: "name" or "name:knob=value,knob=value"; list values separated by ";"
+# --------------------------------------------------------------------------------------
+
+
+class MethodError(ValueError):
+    """A method spec that cannot be read (unknown preset, malformed knob)."""
+
+
+def _parse_value(text: str) -> Any:
+    """One knob value: a bool, ``None``, an int, a float or text; with ``;`` a tuple of them, or a
+    list when the value ends with ``;`` (``4;`` is ``[4]``, ``4;4;`` is ``[4, 4]``)."""
+    text = text.strip()
+    if text.endswith(";"):
+        return [_parse_value(p) for p in text.split(";") if p.strip()]
+    if ";" in text:
+        return tuple(_parse_value(p) for p in text.split(";") if p.strip())
+    low = text.lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    if low == "none":
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"evit:keep_rate=0.5"`` -> ``("evit", {"keep_rate": 0.5})``.
+
+    Syntax: a preset name, optionally ``:`` and comma-separated ``knob=value`` pairs, each knob
+    at most once; a list value separates its items with ``;`` (``imagepiece:blocks=1;4;7``). A
+    value that *ends* with ``;`` is always a per-block list: ToMe's ``tome:r=16;-0.5`` is the
+    ``(r, inflection)`` schedule, ``tome:r=4;4;`` is r=4 in blocks 0 and 1, ``tome:r=4;`` r=4 in
+    block 0 only. Only the syntax is checked here (the knobs by :func:`make_plan`).
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise MethodError(f"empty method spec {spec!r}; expected e.g. 'evit' or 'evit:keep_rate=0.5'")
+    name, _, rest = spec.strip().partition(":")
+    name = name.strip()
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, PRESETS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise MethodError(f"unknown method {name!r} in {spec!r}{hint}; allowed: {', '.join(PRESETS)}")
+    knobs: dict[str, Any] = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip() or not value.strip():
+            raise MethodError(f"bad knob {item!r} in method {spec!r}; expected knob=value, "
+                              "e.g. 'evit:keep_rate=0.5' or 'imagepiece:blocks=1;4;7'")
+        key = key.strip()
+        if key in knobs:
+            raise MethodError(f"knob {key!r} is given twice in method {spec!r}; give each knob once")
+        knobs[key] = _parse_value(value)
+    return name, knobs
+
+
+def format_method(name: str, knobs: dict[str, Any]) -> str:
+    """The spec :func:`parse_method` reads back as the same knobs: ``("evit", {"keep_rate": 0.5})``
+    -> ``"evit:keep_rate=0.5"``; a list ends with ``;`` (``[4]`` -> ``4;``), a tuple does not, so
+    two different plans never share a label."""
+
+    def fmt(v):
+        if isinstance(v, list):
+            return "".join(f"{x};" for x in v)
+        return ";".join(map(str, v)) if isinstance(v, tuple) else str(v)
+    return name + (":" + ",".join(f"{k}={fmt(v)}" for k, v in knobs.items()) if knobs else "")

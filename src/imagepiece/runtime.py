@@ -4,33 +4,30 @@ A family adapter (``patch/timm.py``, ``patch/hf.py``) says only how its blocks c
 and are laid out (a :class:`Layout`), how images become tokens and how tokens become outputs.
 Everything a method does lives here, once: the per-token state (size, centroid, source), the
 step that applies a block's planned operation between attention and MLP (:func:`run_blocks`),
-the controller (``model.imagepiece``), the trace, size-weighted pooling, the class swap behind
-``patch``/``unpatch``, and method specs (``"evit:keep_rate=0.5"``).
+the controller (``model.imagepiece``), the trace, size-weighted pooling and the class swap behind
+``patch``/``unpatch``.
 """
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from . import ops
-from .plan import PRESETS, ReductionPlan, Step, make_plan
+from .plan import ReductionPlan, Step, make_plan
 
 __all__ = [
     "BlockTrace",
     "Controller",
     "Layout",
     "ModelInfo",
-    "MethodError",
-    "format_method",
     "is_patched",
-    "parse_method",
+    "original_class",
     "pool_patches",
     "restore_classes",
     "run_blocks",
@@ -172,6 +169,11 @@ def swap_class(module: nn.Module, mixin: type) -> None:
     base = type(module)
     module.__class__ = _reduced_class(mixin, base)
     module._imagepiece_original_class = base
+
+
+def original_class(module: nn.Module) -> type:
+    """The class ``module`` had before :func:`swap_class` (its own class when never swapped)."""
+    return module.__dict__.get("_imagepiece_original_class", type(module))
 
 
 def restore_classes(model: nn.Module) -> None:
@@ -415,65 +417,3 @@ def pool_patches(x: torch.Tensor, size: torch.Tensor | None, num_prefix: int) ->
     if size is None:
         return tokens.mean(dim=1)
     return ops.size_weighted_mean(tokens, size[:, num_prefix:])
-
-
-# --------------------------------------------------------------------------------------
-# Method specs: "name" or "name:knob=value,knob=value"; list values separated by ";"
-# --------------------------------------------------------------------------------------
-
-
-class MethodError(ValueError):
-    """A method spec that cannot be read (unknown preset, malformed knob)."""
-
-
-def _parse_value(text: str) -> Any:
-    text = text.strip()
-    if ";" in text:
-        return tuple(_parse_value(p) for p in text.split(";") if p.strip())
-    low = text.lower()
-    if low in ("true", "yes", "on"):
-        return True
-    if low in ("false", "no", "off"):
-        return False
-    if low == "none":
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"evit:keep_rate=0.5"`` -> ``("evit", {"keep_rate": 0.5})``.
-
-    Syntax: a preset name, optionally ``:`` and comma-separated ``knob=value`` pairs; a list
-    value separates its items with ``;`` (``imagepiece:keep_rate=0.5,blocks=1;4;7``, ToMe's
-    ``(r, inflection)`` schedule as ``tome:r=16;-0.5``). Only the syntax is checked here.
-    """
-    if not isinstance(spec, str) or not spec.strip():
-        raise MethodError(f"empty method spec {spec!r}; expected e.g. 'evit' or 'evit:keep_rate=0.5'")
-    name, _, rest = spec.strip().partition(":")
-    name = name.strip()
-    if name not in PRESETS:
-        close = difflib.get_close_matches(name, PRESETS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise MethodError(f"unknown method {name!r} in {spec!r}{hint}; allowed: {', '.join(PRESETS)}")
-    knobs: dict[str, Any] = {}
-    for item in filter(None, (p.strip() for p in rest.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip() or not value.strip():
-            raise MethodError(f"bad knob {item!r} in method {spec!r}; expected knob=value, "
-                              "e.g. 'evit:keep_rate=0.5' or 'imagepiece:blocks=1;4;7'")
-        knobs[key.strip()] = _parse_value(value)
-    return name, knobs
-
-
-def format_method(name: str, knobs: dict[str, Any]) -> str:
-    """The spec :func:`parse_method` reads back: ``("evit", {"keep_rate": 0.5})`` ->
-    ``"evit:keep_rate=0.5"``."""
-
-    def fmt(v):
-        return ";".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
-    return name + (":" + ",".join(f"{k}={fmt(v)}" for k, v in knobs.items()) if knobs else "")

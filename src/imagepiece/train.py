@@ -330,7 +330,7 @@ def _check_optimizer(name: str) -> None:
 
 def _check_method(cfg: TrainConfig) -> None:
     """The method spec parses, and ``keep_rate``/``r`` are not given to a method that ignores them."""
-    from .bench import parse_method
+    from .plan import parse_method
 
     try:
         preset, _ = parse_method(cfg.method)
@@ -364,7 +364,7 @@ def create_model(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, Any]:
     import timm
 
     from . import is_patched, patch
-    from .bench import parse_method
+    from .plan import parse_method
 
     try:
         preset, knobs = parse_method(cfg.method)

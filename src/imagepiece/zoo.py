@@ -73,9 +73,9 @@ def load_shipped(name: str = "imagepiece", patched: bool = True) -> nn.Module:
     """
     import timm
 
-    from .bench import use_method
     from .checkpoint import load_weights
     from .data import FASHION_MEAN, FASHION_STD
+    from .patch import use_method
 
     models = shipped_models()
     if name not in models:

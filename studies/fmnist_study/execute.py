@@ -18,10 +18,11 @@ import torch
 import yaml
 
 from imagepiece import train as T
-from imagepiece.bench import count_gmacs, use_method
 from imagepiece.checkpoint import load_checkpoint, load_state_dict, load_weights, save_weights
 from imagepiece.data import build_dataset
 from imagepiece.evaluate import evaluate_model, make_eval_loader
+from imagepiece.measure import count_gmacs
+from imagepiece.patch import use_method
 
 from .config import StudyConfig
 from .paired import correct_vector, pack, unpack

@@ -1,9 +1,9 @@
 """Speed of every row, interleaved in one process, and the paper's analyses (Tables 4-7).
 
 Speed follows SPEC §7: inference mode, one random batch, every variant timed once per round in a
-new random order (``imagepiece.bench.time_interleaved``) after warm-up rounds, glibc's allocator
+new random order (``imagepiece.measure.time_interleaved``) after warm-up rounds, glibc's allocator
 kept steady, medians and per-round ratios to the baseline; the busy-machine monitor of
-``imagepiece bench`` (``imagepiece.bench_busy.BusyMonitor``) watches the rounds and its report is
+``imagepiece bench`` (``imagepiece.measure.BusyMonitor``) watches the rounds and its report is
 stored with the numbers. Rows that share architecture and plan (an off-the-shelf EViT point and
 its fine-tune) are timed separately: their difference is the noise floor of the run.
 """
@@ -17,14 +17,14 @@ from typing import Any
 import torch
 
 from imagepiece import analysis as A
-from imagepiece.bench import machine_info, steady_allocator, time_interleaved
 from imagepiece.evaluate import first_images
+from imagepiece.measure import machine_info, steady_allocator, time_interleaved
 
 from .execute import Context, load_run_model, under
 from .registry import Row, Run
 
 try:  # added to imagepiece.bench by another change; the speed step runs without it
-    from imagepiece.bench_busy import BusyMonitor
+    from imagepiece.measure import BusyMonitor
 except ImportError:  # pragma: no cover
     BusyMonitor = None  # type: ignore[assignment,misc]
 

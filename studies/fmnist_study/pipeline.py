@@ -130,7 +130,7 @@ class Study:
         if k not in self._mmacs:
             import torch
 
-            from imagepiece.bench import count_gmacs
+            from imagepiece.measure import count_gmacs
 
             x = torch.randn(1, 3, self.cfg.img_size, self.cfg.img_size)
             with one_thread():

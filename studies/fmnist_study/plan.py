@@ -2,7 +2,7 @@
 of at most ``--max-minutes`` a session can run one after the other.
 
 Estimates come from the configuration's cost model (``config.CostModel``) and each step's MACs
-(counted with ``imagepiece.bench.count_gmacs``): a training run costs ``epochs x cost.train``
+(counted with ``imagepiece.measure.count_gmacs``): a training run costs ``epochs x cost.train``
 at the MACs it trains with (a fine-tune's keep-rate warm-up runs part of it at the baseline's
 MACs), an evaluation or timing pass ``cost.forward`` per image. Once runs have finished, every
 estimate is scaled by their measured/estimated ratio.

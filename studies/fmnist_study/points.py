@@ -1,5 +1,5 @@
 """Operating points: for ToMe, EViT and ImagePiece, the knob values whose GMACs (counted with
-``imagepiece.bench.count_gmacs`` on the study's model) come closest to the configured GMAC
+``imagepiece.measure.count_gmacs`` on the study's model) come closest to the configured GMAC
 reductions, so every method's curve spans the same range of compute.
 
 Keep rates are searched in steps of 0.01; ToMe's r as a constant or as an ``(r, inflection)``
@@ -22,7 +22,9 @@ import timm
 import torch
 
 from imagepiece import make_plan
-from imagepiece.bench import count_gmacs, format_method, parse_method, use_method
+from imagepiece.measure import count_gmacs
+from imagepiece.patch import use_method
+from imagepiece.plan import format_method, parse_method
 
 from .config import COHERENT, MODEL, StudyConfig
 

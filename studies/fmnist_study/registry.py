@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from imagepiece import make_plan
-from imagepiece.bench import format_method
+from imagepiece.plan import format_method
 
 from .config import COHERENT, MODEL, StudyConfig
 from .points import Point, ip_spec

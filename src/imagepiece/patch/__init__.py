@@ -14,13 +14,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..plan import ReductionPlan, make_plan
-from ..runtime import BlockTrace, Controller, ModelInfo, is_patched, parse_method, unpatch
+from ..plan import ReductionPlan, make_plan, parse_method
+from ..runtime import BlockTrace, Controller, ModelInfo, is_patched, original_class, unpatch
 from . import timm as _timm
 
 __all__ = ["BlockTrace", "Controller", "describe", "is_patched", "is_transformers_model",
            "is_transformers_path", "limit_forward",
-           "load_transformers", "patch", "supported_models", "unpatch", "use_method"]
+           "load_transformers", "patch", "set_grad_checkpointing", "supported_models", "unpatch",
+           "use_method"]
 
 
 def supported_models() -> str:
@@ -38,8 +39,7 @@ def _hf_supported() -> str:
 
 def is_transformers_model(model: nn.Module) -> bool:
     """Whether ``model`` (patched or not) is a transformers model."""
-    cls = model.__dict__.get("_imagepiece_original_class", type(model))  # patched or not
-    return cls.__module__.startswith("transformers.")
+    return original_class(model).__module__.startswith("transformers.")
 
 
 def _family(model: nn.Module) -> ModuleType:
@@ -75,6 +75,24 @@ def use_method(model: nn.Module, spec: str, registered: bool = False) -> nn.Modu
     if name == "none" and not registered:
         return unpatch(model)
     return patch(model, name, **knobs)
+
+
+def set_grad_checkpointing(model: nn.Module, enable: bool = True) -> None:
+    """Turn recomputation of block activations in the backward pass on or off, through the
+    family's own switch (timm's ``set_grad_checkpointing``; transformers'
+    ``activation_checkpointing_enable``, called ``gradient_checkpointing_enable`` up to 5.18);
+    patched or not, the reduced forward honours it."""
+    if not is_transformers_model(model):
+        model.set_grad_checkpointing(enable)
+    elif hasattr(model, "activation_checkpointing_enable"):
+        if enable:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif enable:
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
 
 
 def is_transformers_path(name: object) -> bool:

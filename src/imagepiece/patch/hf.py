@@ -9,6 +9,8 @@ patch tokens (DINOv2 classifiers) weight them by size. Weights and parameter nam
 
 from __future__ import annotations
 
+import pickle
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -18,7 +20,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..plan import ReductionPlan, make_plan
-from ..runtime import Controller, ModelInfo, ReducedModule, cut_blocks, pool_patches, run_blocks, swap_class
+from ..runtime import (
+    Controller,
+    ModelInfo,
+    ReducedModule,
+    cut_blocks,
+    original_class,
+    pool_patches,
+    run_blocks,
+    swap_class,
+)
 
 MIN_VERSION = "5.18"
 INSTALL_HINT = (f'transformers models need the "hf" extra: pip install "imagepiece[hf]" '
@@ -209,10 +220,12 @@ class _ReducedCLIPVision(_ReducedTower):
 
 
 class _ReducedDinov2Classifier(ReducedModule):
-    """DINOv2 classifiers: [class token | size-weighted mean of the patch tokens] -> linear."""
+    """DINOv2 classifiers: [class token | size-weighted mean of the patch tokens] -> linear.
+    ``return_dict`` (argument or config) is honoured as by the unpatched model: a tuple when off."""
 
     imagepiece: Controller
 
+    @can_return_tuple
     def forward(self, pixel_values: torch.Tensor, labels=None, attention_mask=None,
                 **kwargs) -> ImageClassifierOutput:
         tower = getattr(self, self.base_model_prefix)
@@ -248,19 +261,15 @@ _TOWERS: dict[str, _Tower] = {
 _TOWER_CLASSES = {"ViTModel", "DeiTModel", "Dinov2Model", "Dinov2WithRegistersModel", "CLIPVisionModel"}
 
 
-def _unpatched_class(module: nn.Module) -> type:
-    return module.__dict__.get("_imagepiece_original_class", type(module))
-
-
 def _tower(model: nn.Module) -> tuple[nn.Module, _Tower]:
     """The tower of a supported model, checked layer by layer; ``TypeError`` otherwise."""
-    cls = _unpatched_class(model)
+    cls = original_class(model)
     name = cls.__name__
     spec = _TOWERS.get(name)
     if spec is None or not cls.__module__.startswith("transformers."):
         raise TypeError(f"{name} is not supported; supported: {SUPPORTED}")
     tower = getattr(model, spec.attr) if spec.attr else model
-    if _unpatched_class(tower).__name__ not in _TOWER_CLASSES:
+    if original_class(tower).__name__ not in _TOWER_CLASSES:
         raise TypeError(f"{name}.{spec.attr} is {type(tower).__name__}; supported: {SUPPORTED}")
     for i, layer in enumerate(spec.mixin._kind.layers(tower)):
         attn = getattr(layer, spec.mixin._kind.layout.attn, None)
@@ -322,4 +331,13 @@ def load_pretrained(path: str) -> nn.Module:
         raise TypeError(f"{path}: architectures {getattr(config, 'architectures', None)} are not "
                         f"supported; supported: {SUPPORTED}")
     cls = getattr(transformers, names[0])
-    return cls.from_pretrained(path, local_files_only=True).eval()
+    try:
+        return cls.from_pretrained(path, local_files_only=True).eval()
+    except pickle.UnpicklingError as e:  # torch.load(weights_only=True) refused, nothing ran
+        found = re.search(r"GLOBAL ([\w.]+)|([\w.]+) was not an allowed global", str(e))
+        if found is None:  # not a refused class: the bytes are no pickle
+            raise ValueError(f"{path}: corrupt or unreadable weights ({type(e).__name__})") from None
+        what = found.group(1) or found.group(2)
+        raise ValueError(f"{path}: its weights hold Python objects that torch.load(weights_only=True) "
+                         f"refuses to unpickle ({what}); imagepiece never runs unsafe pickle. Re-save "
+                         "the model with save_pretrained (safetensors)") from None

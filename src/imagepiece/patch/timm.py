@@ -17,7 +17,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import ops
 from ..plan import ReductionPlan, make_plan
 from ..runtime import (
     BlockTrace,
@@ -27,6 +26,7 @@ from ..runtime import (
     cut_blocks,
     is_patched,
     last_sizes,
+    pool_patches,
     run_blocks,
     swap_class,
     unpatch,
@@ -170,10 +170,9 @@ class _ReducedViT(ReducedModule):
             size = last_sizes(self.imagepiece, x)
         if size is None:
             return super().forward_head(x, pre_logits=pre_logits)
-        tokens = x[:, self.num_prefix_tokens:]
-        pooled = ops.size_weighted_mean(tokens, size[:, self.num_prefix_tokens:])
+        pooled = pool_patches(x, size, self.num_prefix_tokens)
         if self.global_pool == "avgmax":
-            pooled = 0.5 * (pooled + tokens.amax(dim=1))
+            pooled = 0.5 * (pooled + x[:, self.num_prefix_tokens:].amax(dim=1))
         pooled = self.head_drop(self.fc_norm(pooled))
         return pooled if pre_logits else self.head(pooled)
 

@@ -1,6 +1,5 @@
-"""The measuring instruments of ``imagepiece bench`` (SPEC §7): interleaved timing, the
-*limit* model, GMAC counting, CUDA peak memory, the steady allocator and the machine record.
-Imported by :mod:`imagepiece.bench`, which re-exports the public names."""
+"""Timing (SPEC §7): interleaved rounds, CUDA peak memory, the steady allocator and the
+machine record."""
 
 from __future__ import annotations
 
@@ -13,11 +12,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn as nn
 
-from .patch import limit_forward
-
-__all__ = ["LimitViT", "count_gmacs", "machine_info", "steady_allocator", "time_interleaved"]
+__all__ = ["machine_info", "peak_memory", "quantiles", "steady_allocator", "time_interleaved"]
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
@@ -69,55 +65,19 @@ def machine_info(devices: Sequence[str] = ()) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------
-# The limit: the same blocks on sequences already cut to the plan's token counts
-# --------------------------------------------------------------------------------------
-
-
-class LimitViT(nn.Module):
-    """Runs ``model``'s blocks on pre-cut sequences: the fastest any implementation of a plan
-    with these token counts can be (prefix handling and selection are ignored on purpose)."""
-
-    def __init__(self, model: nn.Module, tokens: Sequence[tuple[int, int]]):
-        super().__init__()
-        self.model = model
-        self.tokens = [tuple(t) for t in tokens]
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.model.set_grad_checkpointing(enable)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the blocks are checkpointed when the model's grad_checkpointing is on and it trains
-        return limit_forward(self.model, x, self.tokens)
-
-
-# --------------------------------------------------------------------------------------
 # Measurement
 # --------------------------------------------------------------------------------------
 
 
-def count_gmacs(model: nn.Module, x: torch.Tensor) -> float:
-    """Multiply-accumulates per image (FLOPs / 2 / batch), counted from the ops that run.
-
-    Attention runs on SDPA's math backend here: the counter has no formula for the fused CPU
-    kernel (torch 2.14 counts nothing for it, 0.36 of DeiT-S's 4.6 GMACs), while the math
-    backend's matmuls are counted exactly. Timing still uses the fused kernels.
-    """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        model(x)
-    return counter.get_total_flops() / 2 / x.shape[0] / 1e9
-
-
-def _quantiles(values: list[float]) -> tuple[float, float]:
+def quantiles(values: list[float]) -> tuple[float, float]:
+    """First and third quartiles of ``values`` (both the value itself for a single one)."""
     if len(values) < 2:
         return values[0], values[0]
     q = statistics.quantiles(values, n=4, method="inclusive")
     return q[0], q[2]
 
 
-def _peak_mem(fn: Callable, x: torch.Tensor, device: str, ctx: Callable) -> float | None:
+def peak_memory(fn: Callable, x: torch.Tensor, device: str, ctx: Callable) -> float | None:
     """CUDA memory above what was allocated before one call of ``fn`` in ``ctx()``."""
     if not device.startswith("cuda"):
         return None
