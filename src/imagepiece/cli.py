@@ -139,15 +139,24 @@ def _bench_run(config):
 
 
 def _key_values(items: list[str] | None, what: str) -> dict:
-    """``["img_size=32", "patch_size=4"]`` -> dict, values parsed as YAML (numbers, lists, null)."""
+    """``["img_size=32", "patch_size=4"]`` -> dict, values parsed as YAML (numbers, lists, null).
+
+    Bad input is an :class:`~imagepiece.options.OptionError` (a ValueError), which every command
+    prints as one ``error:`` line."""
     import yaml
+
+    from .options import OptionError
 
     out = {}
     for item in items or []:
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
-            raise typer.BadParameter(f"{what} {item!r} is not KEY=VALUE")
-        out[key.strip()] = yaml.safe_load(value)
+            raise OptionError(f"{what} {item!r} is not KEY=VALUE")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise OptionError(f"{what} {item!r}: {value!r} is not a YAML value (e.g. 32, [1, 2], "
+                              "null, a string)") from None
     return out
 
 
