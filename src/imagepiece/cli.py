@@ -209,6 +209,7 @@ def train(
 ) -> None:
     """Train or fine-tune with the DeiT recipe (one process, or many under torchrun)."""
     from . import train as T
+    from .distributed import LostPeerError
 
     given = dict(model=model, method=method, keep_rate=keep_rate, r=r, shrink_start=shrink_start,
                  shrink_epochs=shrink_epochs, finetune=finetune, pretrained=pretrained,
@@ -232,6 +233,9 @@ def train(
     except (ValueError, FloatingPointError) as e:  # our DataError/ConfigError/CheckpointError
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+    except LostPeerError as e:  # torchrun: another process of the run is gone
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
     if summary.get("rank", 0) != 0:
         return
     if summary.get("stopped"):

@@ -69,6 +69,17 @@ def create_model(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, Any]:
     return model, (model.imagepiece.plan if is_patched(model) else None)
 
 
+def _check_input_size(model: nn.Module, cfg: TrainConfig) -> None:
+    """The model takes the data's image size (a ``model_kwargs`` img_size may say otherwise)."""
+    from ..models import fixed_input_size
+
+    size, img = fixed_input_size(model), default_img_size(cfg)
+    if size is not None and size != (img, img):
+        raise ConfigError(f"img_size={img} does not match the input size {size[0]}x{size[1]} the model "
+                          f"{cfg.model!r} is built for (model_kwargs {cfg.model_kwargs}); give the same "
+                          "size to both, or leave one out")
+
+
 def _load_finetune(model: nn.Module, cfg: TrainConfig) -> None:
     """Start from ``cfg.finetune``; tensors it cannot have (a new coherence branch, a new
     classifier with ``finetune_new_head``) keep their initialisation, with a warning."""
@@ -215,6 +226,7 @@ def build_run(cfg: TrainConfig, info: DistInfo, console: Any) -> Run:
     num_classes = cfg.num_classes if cfg.num_classes is not None else num_classes_of(train_ds)
     seed_everything(cfg.seed)  # the same initial weights on every process
     model, base_plan = create_model(cfg, num_classes)
+    _check_input_size(model, cfg)
     model.to(info.device)
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None
     net = nn.parallel.DistributedDataParallel(

@@ -353,6 +353,11 @@ def resume_config(run_dir: str, overrides: Mapping[str, Any] | None = None) -> T
     except ConfigError as e:
         raise ConfigError(f"cannot resume {run_dir!r} with {path}: {e}") from None
     if find_checkpoint(os.path.join(run_dir, "checkpoints", "last")) is None:
+        best = find_checkpoint(os.path.join(run_dir, "checkpoints", "best"))
+        if best is not None:  # --overwrite would delete it
+            raise ConfigError(f"cannot resume {run_dir!r}: checkpoints/last is missing and checkpoints/best "
+                              "alone cannot continue the run exactly; start a new run from its weights "
+                              f"with --finetune {best} and another --name")
         raise ConfigError(f"cannot resume {run_dir!r}: no checkpoint yet (killed in the first epoch?); "
                           "start it again with --overwrite")
     return cfg

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..checkpoint import kill_point, save_checkpoint
-from ..distributed import all_reduce_sum, finish, setup_distributed
+from ..distributed import all_reduce_sum, finish, lost_peer, setup_distributed
 from ..evaluate import evaluate_model
 from ..options import OptionError, check_output_dir
 from .build import Run, build_run, import_training_modules
@@ -42,14 +42,23 @@ def train(cfg: TrainConfig, resume: str | None = None, console: Any = None,
     info = setup_distributed(cfg.device)
     run = build_run(cfg, info, console)
     ckpt = read_resume_checkpoint(run, resume) if resume else None  # a damaged run: before any write
-    with claimed(cfg, info, resume, overwrite) as run_dir:
-        run.run_dir = run_dir
-        if ckpt is not None:
-            restore(run, ckpt)
-        else:
-            seed_everything(cfg.seed + info.rank)  # augmentation differs per process
-        _open_log(run, resume)
-        summary = _fit(run)
+    if ckpt is not None and cfg.epochs < ckpt.meta["epoch"]:
+        raise ConfigError(f"epochs={cfg.epochs} is fewer than the {ckpt.meta['epoch']} epochs run {resume!r} "
+                          f"has done; give --epochs {ckpt.meta['epoch']} or more (nothing was changed)")
+    try:
+        with claimed(cfg, info, resume, overwrite) as run_dir:
+            run.run_dir = run_dir
+            if ckpt is not None:
+                restore(run, ckpt)
+            else:
+                seed_everything(cfg.seed + info.rank)  # augmentation differs per process
+            _open_log(run, resume)
+            summary = _fit(run)
+    except RuntimeError as e:  # a peer process gone: one line naming it, not gloo's traceback
+        lost = lost_peer(e, info)
+        if lost is None:
+            raise
+        raise lost from None
     finish(info)
     return summary
 
@@ -68,7 +77,8 @@ def _fit(run: Run) -> dict[str, Any]:
     run.scheduler.step(run.start_epoch)
     run.scheduler.step_update(run.step)
     summary: dict[str, Any] = {"run_dir": run.run_dir, "epochs_done": run.start_epoch, "stopped": False,
-                               "rank": run.info.rank}
+                               "rank": run.info.rank, "best_top1": run.best_top1,
+                               "best_epoch": run.best_epoch}
     for epoch in range(run.start_epoch, run.cfg.epochs):
         stats = _train_epoch(run, epoch)
         if stats is None:  # stop_after_steps: as if killed, nothing of this epoch is saved
