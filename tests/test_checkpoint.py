@@ -39,7 +39,9 @@ def test_our_checkpoint_round_trip(tmp_path):
     path = save_checkpoint(tmp_path / "last", model, meta={"epoch": 3, "step": 30}, state=state, ema=ema)
     assert sorted(os.listdir(path)) == ["ema.safetensors", "meta.json", "model.safetensors", "state.pt"]
     ckpt = load_checkpoint(path)
+    checksums = ckpt.meta.pop("sha256")  # of every file, checked when it is read back
     assert ckpt.meta == {"epoch": 3, "step": 30}
+    assert sorted(checksums) == ["ema.safetensors", "model.safetensors", "state.pt"]
     fresh, fresh_ema = tiny(seed=5), tiny(seed=6)
     fresh.load_state_dict(ckpt.model)
     fresh_ema.load_state_dict(ckpt.ema)

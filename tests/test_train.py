@@ -183,7 +183,7 @@ def test_run_folder_is_never_silently_reused(tmp_path, monkeypatch):
             train(resume_config(str(run), {"epochs": 2}), resume=str(run))
     assert [r["epoch"] for r in read_log(run)] == [0]
     # without a name, a folder taken in the same second gets a new name
-    monkeypatch.setattr("imagepiece.train.time.strftime", lambda fmt: "20250101-000000")
+    monkeypatch.setattr("imagepiece.train.run_folder.time.strftime", lambda fmt: "20250101-000000")
     unnamed = dict(TINY, data_length=32, batch_size=16, epochs=1, output=str(tmp_path / "auto"))
     a = train(resolve_config(overrides=unnamed))["run_dir"]
     b = train(resolve_config(overrides=unnamed))["run_dir"]

@@ -126,8 +126,10 @@ def save_checkpoint(directory: str, model: nn.Module | Mapping[str, torch.Tensor
             save_weights(os.path.join(tmp, EMA_FILE), ema.state_dict() if isinstance(ema, nn.Module) else ema)
         if state:
             torch.save(state, os.path.join(tmp, STATE_FILE))
+        written = [n for n in (MODEL_FILE, EMA_FILE, STATE_FILE) if os.path.isfile(os.path.join(tmp, n))]
+        meta = dict(meta or {}, sha256={n: _sha256(os.path.join(tmp, n)) for n in written})
         with open(os.path.join(tmp, META_FILE), "w") as f:
-            json.dump(meta or {}, f, indent=2, sort_keys=True, default=str)
+            json.dump(meta, f, indent=2, sort_keys=True, default=str)
         _swap_into_place(tmp, directory, point)
     finally:
         if os.path.isdir(tmp):
@@ -164,6 +166,33 @@ def _remove_stale_temporaries(directory: str) -> None:
     for entry in os.listdir(parent):
         if entry.startswith(prefix):
             shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _verify(directory: str, meta: Mapping[str, Any], names: tuple[str, ...]) -> None:
+    """Each of ``names`` that ``meta.json`` records a checksum for still has it. Checkpoints
+    written before checksums were recorded have none, and load as before."""
+    recorded = meta.get("sha256")
+    if recorded is None:
+        return
+    if not isinstance(recorded, dict):
+        raise CheckpointError(f"corrupt {os.path.join(directory, META_FILE)!r}: 'sha256' is not a mapping")
+    for name in names:
+        path = os.path.join(directory, name)
+        if name in recorded and os.path.isfile(path) and _sha256(path) != recorded[name]:
+            raise CheckpointError(f"{path!r} does not match the sha256 recorded in {META_FILE} when it was "
+                                  "written (the file is corrupt or was changed); restore it from a copy")
+        if name in recorded and not os.path.isfile(path):
+            raise CheckpointError(f"checkpoint {directory!r} has no {name}, which {META_FILE} records")
 
 
 def find_checkpoint(directory: str) -> str | None:
@@ -208,7 +237,25 @@ def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
                               f"{type(e).__name__}: {e}") from None
 
 
+def _check_zip(path: str) -> None:
+    """A ``torch.save`` file (a zip archive) whose entries fail their CRC-32 is corrupt: torch
+    itself reads flipped bytes without a word. Older non-zip ``.pth`` files have no CRC."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise CheckpointError(f"corrupt or unreadable checkpoint {path!r}: {type(e).__name__}: {e}") from None
+    if bad is not None:
+        raise CheckpointError(f"corrupt checkpoint {path!r}: its entry {bad!r} fails the CRC-32 check "
+                              "(damaged or changed bytes); restore it from a copy")
+
+
 def _torch_load(path: str) -> Any:
+    _check_zip(path)
     try:
         # DeiT/EViT training scripts store their argparse options next to the weights; a
         # Namespace only holds plain values, so it is allowed alongside tensors and builtins.
@@ -250,13 +297,16 @@ def load_checkpoint(directory: str, with_state: bool = True) -> Checkpoint:
             meta = json.load(f)
     except FileNotFoundError:
         raise CheckpointError(f"{directory!r} is not an imagepiece checkpoint: no {META_FILE}") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"corrupt {meta_path!r}: {e}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"corrupt {meta_path!r}: not a JSON object")
     model_path = os.path.join(directory, MODEL_FILE)
     if not os.path.isfile(model_path):
         raise CheckpointError(f"checkpoint {directory!r} has no {MODEL_FILE}")
     ema_path = os.path.join(directory, EMA_FILE)
     state_path = os.path.join(directory, STATE_FILE)
+    _verify(directory, meta, (MODEL_FILE, EMA_FILE, STATE_FILE) if with_state else (MODEL_FILE, EMA_FILE))
     state: dict[str, Any] = {}
     if with_state and os.path.isfile(state_path):
         state = _torch_load(state_path)
@@ -347,11 +397,10 @@ def load_weights(model: nn.Module, path: str, use_ema: bool = False, strict: boo
     if dropped:
         warnings.warn(f"not loading {len(dropped)} classifier tensor(s) of another shape from {path!r} "
                       f"(new_head): {dropped}", stacklevel=2)
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
+    missing, unexpected, shapes = _misfit(state, own)
     if strict:
         _refuse_misfit(path, model, state, own, missing, unexpected, heads)
-    elif any(k in own and own[k].shape != state[k].shape for k in state):
+    elif shapes:
         _refuse_misfit(path, model, state, own, [], [], heads)  # load_state_dict cannot load them
     model.load_state_dict(state, strict=False)
     return {"missing": missing, "unexpected": unexpected, "dropped": dropped}
@@ -370,8 +419,7 @@ def _refuse_misfit(path: str, model: nn.Module, state: Mapping[str, torch.Tensor
     """A few readable lines naming what does not fit, instead of torch's one line per tensor."""
     allowed_missing = {k for k in missing if ".branch." in k or k in heads}
     missing = [k for k in missing if k not in allowed_missing]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state
-              if k in own and own[k].shape != state[k].shape]
+    shapes = _misfit(state, own)[2]
     if not (missing or unexpected or shapes):
         return
     lines = [f"checkpoint {path!r} does not fit this {type(model).__name__} (another architecture?):"]
@@ -381,17 +429,27 @@ def _refuse_misfit(path: str, model: nn.Module, state: Mapping[str, torch.Tensor
         lines.append(f"  {len(unexpected)} unexpected: {_summarize(unexpected)}")
     if shapes:
         lines.append(f"  {len(shapes)} of another shape (checkpoint vs model): {_summarize(shapes, 3)}")
-    if shapes and all(s.split(" ")[0] in _classifier_keys(model, own) for s in shapes) and not heads:
+    only_head = not (missing or unexpected) and all(s.split(" ")[0] in _classifier_keys(model, own)
+                                                    for s in shapes)
+    if shapes and only_head and not heads:
         lines.append("  only the classifier differs: to fine-tune to new classes, set finetune_new_head=true")
     raise CheckpointError("\n".join(lines))
 
 
-def misfit_summary(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> str | None:
-    """One phrase on how ``state`` differs from a model's state dict ``own``, None when it fits."""
+def _misfit(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]
+            ) -> tuple[list[str], list[str], list[str]]:
+    """(keys ``state`` lacks, keys the model lacks, ``key (shape) vs (shape)`` of the others that
+    differ) between a state dict and a model's state dict ``own``: the one comparison."""
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state
               if k in own and own[k].shape != state[k].shape]
+    return missing, unexpected, shapes
+
+
+def misfit_summary(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> str | None:
+    """One phrase on how ``state`` differs from a model's state dict ``own``, None when it fits."""
+    missing, unexpected, shapes = _misfit(state, own)
     parts = [f"{len(missing)} tensor(s) missing: {_summarize(missing, 3)}" if missing else "",
              f"{len(unexpected)} unexpected: {_summarize(unexpected, 3)}" if unexpected else "",
              f"{len(shapes)} of another shape: {_summarize(shapes, 2)}" if shapes else ""]

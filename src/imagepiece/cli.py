@@ -140,15 +140,24 @@ def _bench_run(config):
 
 
 def _key_values(items: list[str] | None, what: str) -> dict:
-    """``["img_size=32", "patch_size=4"]`` -> dict, values parsed as YAML (numbers, lists, null)."""
+    """``["img_size=32", "patch_size=4"]`` -> dict, values parsed as YAML (numbers, lists, null).
+
+    Bad input is an :class:`~imagepiece.options.OptionError` (a ValueError), which every command
+    prints as one ``error:`` line."""
     import yaml
+
+    from .options import OptionError
 
     out = {}
     for item in items or []:
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
-            raise typer.BadParameter(f"{what} {item!r} is not KEY=VALUE")
-        out[key.strip()] = yaml.safe_load(value)
+            raise OptionError(f"{what} {item!r} is not KEY=VALUE")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise OptionError(f"{what} {item!r}: {value!r} is not a YAML value (e.g. 32, [1, 2], "
+                              "null, a string)") from None
     return out
 
 
@@ -201,6 +210,7 @@ def train(
 ) -> None:
     """Train or fine-tune with the DeiT recipe (one process, or many under torchrun)."""
     from . import train as T
+    from .distributed import LostPeerError
 
     given = dict(model=model, method=method, keep_rate=keep_rate, r=r, shrink_start=shrink_start,
                  shrink_epochs=shrink_epochs, finetune=finetune, pretrained=pretrained,
@@ -224,6 +234,9 @@ def train(
     except (ValueError, FloatingPointError) as e:  # our DataError/ConfigError/CheckpointError
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+    except LostPeerError as e:  # torchrun: another process of the run is gone
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
     if summary.get("rank", 0) != 0:
         return
     if summary.get("stopped"):

@@ -69,33 +69,48 @@ class TransformConfig:
     std: tuple[float, ...] | None = None
 
 
-def _posterize_zero_bits_compat() -> None:
-    """Let timm's RandAugment posterize to 0 bits on Pillow >= 11.
+class _ZeroBitPosterize:
+    """timm's posterize op, except that keeping 0 bits gives a black image (old Pillow's answer;
+    Pillow >= 11 raises ValueError). A class, not a closure, so loader workers can pickle it."""
+
+    def __init__(self, original: Callable):
+        self.original = original
+
+    def __call__(self, img: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image:
+        if bits_to_keep <= 0:
+            return Image.new(img.mode, img.size)
+        return self.original(img, bits_to_keep, **kwargs)
+
+
+def _posterize_zero_bits_compat(transform: Callable) -> None:
+    """Let the RandAugment/AutoAugment/AugMix ops of ``transform`` posterize to 0 bits.
 
     DeiT's ``rand-m9-mstd0.5-inc1`` can draw magnitude 10, which timm maps to keeping 0 bits;
-    older Pillow returned a black image for that, newer Pillow raises ValueError and would end
-    the run. Keep the old behaviour (black image) by wrapping timm's op once.
+    newer Pillow raises ValueError for that and would end the run. Only the ops of this
+    transform are changed: timm's global ``auto_augment.NAME_TO_OP`` table is left alone, so
+    other users of timm in the process see timm's own behaviour.
     """
     from PIL import ImageOps
-    from timm.data import auto_augment
 
     try:
         ImageOps.posterize(Image.new("RGB", (1, 1)), 0)
         return  # this Pillow still accepts 0 bits
     except ValueError:
         pass
-    original = auto_augment.NAME_TO_OP["PosterizeIncreasing"]
-    if getattr(original, "_imagepiece_compat", False):
-        return
+    for op in _augment_ops(transform):
+        if op.name.startswith("Posterize") and not isinstance(op.aug_fn, _ZeroBitPosterize):
+            op.aug_fn = _ZeroBitPosterize(op.aug_fn)
 
-    def posterize(img, bits_to_keep, **kwargs):
-        if bits_to_keep <= 0:
-            return Image.new(img.mode, img.size)
-        return original(img, bits_to_keep, **kwargs)
 
-    posterize._imagepiece_compat = True  # type: ignore[attr-defined]
-    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
-        auto_augment.NAME_TO_OP[name] = posterize
+def _augment_ops(transform: Any) -> list[Any]:
+    """The timm ``AugmentOp`` objects inside a composed transform (RandAugment and AugMix keep
+    them in ``ops``, AutoAugment in a ``policy`` of sub-policies)."""
+    found = []
+    for t in getattr(transform, "transforms", [transform]):
+        found += list(getattr(t, "ops", []) or [])
+        for sub in getattr(t, "policy", []) or []:
+            found += list(sub)
+    return [op for op in found if hasattr(op, "aug_fn") and hasattr(op, "name")]
 
 
 def build_transform(img_size: int, is_training: bool, cfg: TransformConfig | None = None,
@@ -110,14 +125,14 @@ def build_transform(img_size: int, is_training: bool, cfg: TransformConfig | Non
     mean = tuple(cfg.mean or mean)
     std = tuple(cfg.std or std)
     if is_training:
-        if cfg.auto_augment:
-            _posterize_zero_bits_compat()
-        return create_transform(
+        transform = create_transform(
             img_size, is_training=True, auto_augment=cfg.auto_augment or None,
             re_prob=cfg.re_prob, re_mode=cfg.re_mode, re_count=cfg.re_count,
             color_jitter=cfg.color_jitter, hflip=cfg.hflip,
             scale=tuple(cfg.scale) if cfg.scale else None, interpolation=cfg.interpolation,
             mean=mean, std=std)
+        _posterize_zero_bits_compat(transform)
+        return transform
     crop_pct = cfg.crop_pct if cfg.crop_pct is not None else crop_pct  # 0 is refused, not "default"
     if not 0 < crop_pct <= 1:
         raise DataError(f"crop_pct={crop_pct!r} must be in (0, 1]")

@@ -7,14 +7,15 @@ keeping it here (and not in ``train``) lets evaluation run without importing the
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DEVICES", "DeviceError", "DistInfo", "all_reduce_sum", "broadcast_object", "check_device",
-           "finish", "resolve_device", "setup_distributed"]
+__all__ = ["DEVICES", "DeviceError", "DistInfo", "LostPeerError", "all_reduce_sum", "broadcast_object",
+           "check_device", "finish", "lost_peer", "resolve_device", "setup_distributed"]
 
 #: The device names every tool accepts; ``cuda:N`` (a GPU by index) as well.
 DEVICES = ("auto", "cpu", "cuda")
@@ -22,6 +23,30 @@ DEVICES = ("auto", "cpu", "cuda")
 
 class DeviceError(ValueError):
     """A device that is not allowed or not present."""
+
+
+class LostPeerError(RuntimeError):
+    """Another process of a torchrun run went away (killed, crashed, its machine lost)."""
+
+
+# What gloo, NCCL and the TCP store say when the other end of a connection is gone.
+_LOST = re.compile(r"Connection (?:reset|closed) by peer|Broken pipe|Connection refused|"
+                   r"NCCL communicator was aborted|Socket Timeout|timed out", re.IGNORECASE)
+_PEER = re.compile(r"by peer \[([^\]]+)\]:(\d+)")
+
+
+def lost_peer(error: BaseException, info: DistInfo) -> LostPeerError | None:
+    """The one-line error for a collective of a many-process run that failed because a peer is
+    gone (instead of the backend's traceback), or None for any other error."""
+    text = str(error)
+    reason = _LOST.search(text)
+    if not info.distributed or reason is None:
+        return None
+    peer = _PEER.search(text)
+    where = f" at {peer.group(1)}:{peer.group(2)}" if peer else ""
+    return LostPeerError(f"rank {info.rank} lost a peer process of this {info.world_size}-process run{where} "
+                         f"({reason.group(0)}); the others stop too. Continue with --resume RUN_DIR once "
+                         "every process can run")
 
 
 @dataclass(frozen=True)

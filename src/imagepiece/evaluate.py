@@ -194,8 +194,12 @@ def evaluate_plans(cfg: EvalConfig, progress: Any = None) -> dict[str, Any]:
     joined = dist.is_available() and dist.is_initialized()
     info = setup_distributed(cfg.device)
     torch.manual_seed(cfg.seed)
-    ds = _eval_dataset(cfg, dataset, data_root, img_size)
-    num_classes = _first(cfg.num_classes, run.get("num_classes")) or num_classes_of(ds)
+    ds = _eval_dataset(cfg, dataset, data_root, img_size, _first(cfg.num_classes, run.get("num_classes"), 10))
+    data_classes = num_classes_of(ds)
+    num_classes = _first(cfg.num_classes, run.get("num_classes")) or data_classes
+    if data_classes > num_classes:  # labels past the classifier: cross-entropy's IndexError
+        raise EvalError(f"the model has {num_classes} classes but {dataset}/{cfg.split} has {data_classes}; "
+                        "evaluate it on data of its own classes (or give --num-classes for random weights)")
     ds = first_images(ds, cfg.max_images)
     own_plan = model_name.startswith("imagepiece_")
     loader = make_eval_loader(ds, cfg.batch_size, cfg.workers, info.rank, info.world_size,
@@ -222,12 +226,14 @@ def evaluate_plans(cfg: EvalConfig, progress: Any = None) -> dict[str, Any]:
             "world_size": info.world_size, "rank": info.rank, "config": asdict(cfg), "results": rows}
 
 
-def _eval_dataset(cfg: EvalConfig, dataset: str, data_root: str | None, img_size: int) -> Dataset:
+def _eval_dataset(cfg: EvalConfig, dataset: str, data_root: str | None, img_size: int,
+                  synthetic_classes: int) -> Dataset:
+    """The split to evaluate; synthetic data gets the model's class count (a run's, or 10)."""
     from .data import TransformConfig, build_dataset
 
     tcfg = TransformConfig(crop_pct=cfg.crop_pct, interpolation=cfg.interpolation)
     return build_dataset(dataset, data_root, cfg.split, img_size, train_transform=False, transform_cfg=tcfg,
-                         num_classes=_first(cfg.num_classes, 10), length=cfg.data_length, seed=cfg.seed)
+                         num_classes=synthetic_classes, length=cfg.data_length, seed=cfg.seed)
 
 
 def _transformers_model(cfg: EvalConfig, path: str, img_size: int) -> tuple[nn.Module, str]:
@@ -253,6 +259,7 @@ def _eval_model(cfg: EvalConfig, name: str, saved: dict[str, Any], img_size: int
     import timm
 
     from .checkpoint import load_weights
+    from .models import fixed_input_size
 
     if is_transformers_path(name):
         return _transformers_model(cfg, name, img_size)
@@ -267,9 +274,8 @@ def _eval_model(cfg: EvalConfig, name: str, saved: dict[str, Any], img_size: int
         model = timm.create_model(name, pretrained=cfg.pretrained, **kwargs)
     except (TypeError, ValueError, AssertionError) as e:
         raise EvalError(f"cannot create {name!r} with {kwargs}: {e}") from None
-    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    dynamic = getattr(getattr(model, "patch_embed", None), "dynamic_img_size", False)
-    if size is not None and not dynamic and tuple(size) != (img_size, img_size):
+    size = fixed_input_size(model)
+    if size is not None and size != (img_size, img_size):
         raise EvalError(f"--img-size {img_size} does not match the model's input size {tuple(size)}; "
                         f"give --img-size {size[0]} or leave it out")
     weights = "timm pretrained" if cfg.pretrained else "random"

@@ -22,7 +22,7 @@ from .coherence import add_coherence
 from .patch import patch
 from .plan import PRESETS
 
-__all__ = ["BASE_MODELS", "registered_models"]
+__all__ = ["BASE_MODELS", "fixed_input_size", "registered_models"]
 
 #: timm models that get an ``imagepiece_`` twin (each architecture family is covered by tests).
 BASE_MODELS = (
@@ -71,6 +71,17 @@ def _entrypoint(base: str) -> Callable:
     create.__module__ = __name__
     create.__doc__ = f"timm ``{base}`` with the local coherence bias and an ImagePiece plan."
     return create
+
+
+def fixed_input_size(model) -> tuple[int, int] | None:
+    """The (height, width) a timm model's patch embedding requires, None when it takes other
+    sizes (``dynamic_img_size``) or has no patch embedding: checked by ``train`` and ``eval``
+    before any work, instead of timm's assertion in the middle of it."""
+    pe = getattr(model, "patch_embed", None)
+    size = getattr(pe, "img_size", None)
+    if size is None or getattr(pe, "dynamic_img_size", False) or not getattr(pe, "strict_img_size", True):
+        return None
+    return tuple(size)
 
 
 def registered_models() -> list[str]:

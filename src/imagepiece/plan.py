@@ -164,10 +164,6 @@ class Step:
     def needs_scores(self) -> bool:
         return self.kind in ("prune", "retokenize")
 
-    @property
-    def needs_metric(self) -> bool:
-        return self.kind in ("merge", "retokenize")
-
 
 @dataclass(frozen=True)
 class ReductionPlan:

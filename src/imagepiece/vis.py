@@ -42,6 +42,8 @@ def load_image(path: str, size: tuple[int, int], mean: Sequence[float], std: Seq
     """
     from PIL import Image, UnidentifiedImageError
 
+    if os.path.isdir(path):
+        raise VisError(f"image {path!r} is a folder; give image files (e.g. {path}/*.png)")
     if not os.path.isfile(path):
         raise VisError(f"image {path!r} does not exist")
     try:
@@ -285,15 +287,25 @@ def visualize(model: nn.Module, images: Sequence[str], methods: Sequence[str], o
     return written
 
 
+# --out names ending so mean a file, never a folder to create.
+_FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".pdf", ".svg", ".eps")
+
+
 def output_paths(images: Sequence[str], out: str) -> list[str]:
     """The file each image's figure goes to (then ``contact_sheet.png`` for several images),
     checked to be writable and distinct before any work: two inputs ``a/x.png`` and ``b/x.jpg``
     would otherwise overwrite one another's figure."""
     from .options import OptionError, check_output_dir, check_output_file
 
+    suffix = os.path.splitext(out)[1].lower()
     try:
-        if len(images) == 1 and out.lower().endswith(".png"):
+        if len(images) == 1 and suffix == ".png":
             return [check_output_file(out, "--out")]
+        if suffix in _FILE_SUFFIXES and not os.path.isdir(out):
+            many = f"{len(images)} images give a folder of figures" if len(images) > 1 else \
+                "figures are written as .png"
+            raise VisError(f"--out {out!r} names a {suffix} file, but {many}; give a folder "
+                           "(or a .png file for a single image)")
         check_output_dir(out, "--out")
     except OptionError as e:
         raise VisError(str(e)) from None
