@@ -184,8 +184,8 @@ class _ReducedTower(ReducedModule):
         kind = self._kind
         x = _embed(self, kind, pixel_values, interpolate_pos_encoding)
         layers = kind.layers(self)
-        x, size = run_blocks(kind.layout, layers, x, _grid(self.config, pixel_values), self.imagepiece,
-                             _checkpointing(self, layers))
+        x, size, _, _ = run_blocks(kind.layout, layers, x, _grid(self.config, pixel_values), self.imagepiece,
+                                   _checkpointing(self, layers))
         x, pooled = kind.finish(self, x)
         return ReducedOutput(last_hidden_state=x, pooler_output=pooled, token_sizes=size)
 
