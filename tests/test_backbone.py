@@ -130,7 +130,8 @@ def test_pruned_patches_get_fused_last_or_zeros():
     model.imagepiece.record(sources=True)
     x = images()
     with torch.no_grad():
-        grids = {p: model.forward_intermediates(x, output_fmt="NLC", pruned=p)[1] for p in ("fused", "last", "zeros")}
+        grids = {p: model.forward_intermediates(x, output_fmt="NLC", pruned=p)[1]
+                 for p in ("fused", "last", "zeros")}
     fused_src = model.imagepiece.trace[2].source[:, -1, :] > 0  # patches EViT fused at block 2
     kept = ~fused_src
     assert fused_src.any() and kept.any()
@@ -175,3 +176,54 @@ def test_truncated_model_and_features_only():
     assert all(torch.equal(a, b) for a, b in zip(feats, ref, strict=True))
     with pytest.raises(ValueError, match="feature_cls='hook'"):
         timm.create_model("imagepiece_vit_tiny_patch16_224", features_only=True, feature_cls="hook")
+
+
+def test_visualize_features_colour_merged_groups_alike():
+    """`imagepiece visualize --features`: the unmerged feature map beside the partition; a
+    merged group's patches share one colour."""
+    from imagepiece.vis import trace_image
+
+    model = tiny_vit()
+    view = trace_image(model, images(n=1), "tome:r=8", [1, 4], features=True)
+    for bv in view.blocks:
+        assert bv.features.shape == (8, 8, 3) and 0 <= bv.features.min() and bv.features.max() <= 1
+        labels = bv.labels.reshape(-1)
+        colours = bv.features.reshape(-1, 3)
+        for j in set(labels.tolist()):
+            assert (colours[labels == j] == colours[labels == j][0]).all()
+        assert len({tuple(c) for c in colours.tolist()}) == len(set(labels.tolist()))
+
+
+# ---------------------------------------------------------------------------------------
+# transformers output_hidden_states on the full grid
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["vit", "deit_teacher", "dinov2", "dinov2_registers", "clip"])
+def test_hidden_states_on_the_full_grid(family):
+    pytest.importorskip("transformers")
+    from test_hf import FAMILIES, make
+    from test_hf import images as hf_images
+
+    model = make(family)
+    x = hf_images(n=2)
+    P = FAMILIES[family][1]
+    with torch.no_grad():
+        ref = model(x, output_hidden_states=True).hidden_states
+        imagepiece.patch(model, "none")
+        same = model(x, output_hidden_states=True).hidden_states
+        assert len(same) == len(ref) and all(torch.equal(a, b) for a, b in zip(same, ref, strict=True))
+        model.imagepiece.plan = "tome"
+        model.imagepiece.record(sources=True)
+        states = model(x, output_hidden_states=True).hidden_states
+        trace = model.imagepiece.trace
+    assert [tuple(s.shape) for s in states] == [tuple(s.shape) for s in ref]
+    assert torch.equal(states[0], ref[0])  # the embeddings are not reduced
+    for layer in (2, 5):
+        src = trace[layer].source[:, P:]  # (B, tokens, patches)
+        grid = states[layer + 1][:, P:]
+        for b, n in (src.sum(-1) > 1).nonzero().tolist():
+            members = grid[b, src[b, n] > 0]
+            assert torch.equal(members, members[:1].expand_as(members))
+    with pytest.raises(ValueError, match="output_attentions"):
+        model(x, output_attentions=True)
