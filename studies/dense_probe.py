@@ -141,10 +141,10 @@ def write(rows: list[dict], out: str, args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--train", type=int, default=2000, help="images the probe is fitted on")
-    p.add_argument("--test", type=int, default=2000, help="images the probe is scored on")
-    p.add_argument("--blocks", type=int, nargs="+", default=[3, -1], help="blocks probed (-1: last)")
-    p.add_argument("--steps", type=int, default=300, help="Adam steps of the probe")
+    p.add_argument("--train", type=int, default=1000, help="images the probe is fitted on")
+    p.add_argument("--test", type=int, default=1000, help="images the probe is scored on")
+    p.add_argument("--blocks", type=int, nargs="+", default=[-1], help="blocks probed (-1: last)")
+    p.add_argument("--steps", type=int, default=150, help="Adam steps of the probe")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="results/dense_probe", help="output path without extension")
     args = p.parse_args()

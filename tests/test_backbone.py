@@ -227,3 +227,10 @@ def test_hidden_states_on_the_full_grid(family):
             assert torch.equal(members, members[:1].expand_as(members))
     with pytest.raises(ValueError, match="output_attentions"):
         model(x, output_attentions=True)
+
+
+def test_torchscript_is_refused_clearly():
+    model = imagepiece.patch(tiny_vit(depth=2), "tome", r=2)
+    with pytest.raises(TypeError, match="TorchScript is not supported"):
+        torch.jit.script(model)
+    torch.jit.script(imagepiece.unpatch(model))  # the unpatched model scripts as before

@@ -156,6 +156,12 @@ class ReducedModule:
     def __reduce_ex__(self, protocol):
         return _unpickle_patched, (type(self).__bases__[0], self._imagepiece_original_class), self.__dict__
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this first: refuse in one line instead of a compiler error
+        raise TypeError("TorchScript is not supported on a token-reduced model (plans resolve per "
+                        "input size in Python); use torch.compile or ONNX export, or script the "
+                        "model after imagepiece.unpatch(model)")
+
 
 def _reduced_class(mixin: type, base: type) -> type:
     cls = _CLASSES.get((mixin, base))
