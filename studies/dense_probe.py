@@ -102,6 +102,8 @@ def run(args) -> list[dict]:
     cut = args.train * 49
     rows = []
     for label, name, spec in configurations():
+        if args.rows and not any(r in label for r in args.rows):
+            continue
         model = load_shipped(name, patched=False)
         if spec != "none":
             use_method(model, spec, registered=shipped_models()[name].model.startswith("imagepiece_"))
@@ -146,6 +148,8 @@ def main() -> None:
     p.add_argument("--blocks", type=int, nargs="+", default=[-1], help="blocks probed (-1: last)")
     p.add_argument("--steps", type=int, default=150, help="Adam steps of the probe")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rows", nargs="+", help="only the rows whose label contains one of these "
+                   "(rows are independent: several processes can share the work)")
     p.add_argument("--out", default="results/dense_probe", help="output path without extension")
     args = p.parse_args()
     if min(args.train, args.test, args.steps) <= 0 or args.train + args.test > 10000:
