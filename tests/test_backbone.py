@@ -139,8 +139,9 @@ def test_pruned_patches_get_fused_last_or_zeros():
         assert torch.equal(grids[p][-1][kept], grids["fused"][-1][kept])
         assert all(torch.equal(grids[p][i], grids["fused"][i]) for i in (0, 1))
     assert (grids["zeros"][-1][fused_src] == 0).all()
-    fused = grids["fused"][-1][fused_src]
-    assert torch.equal(fused, fused[:1].expand_as(fused))  # one fused token for all of them
+    for b in range(2):  # one fused token per image for all the patches it absorbed
+        fused = grids["fused"][-1][b][fused_src[b]]
+        assert torch.equal(fused, fused[:1].expand_as(fused))
     last = grids["last"][2][fused_src]
     assert (last != 0).any(dim=-1).all() and not torch.equal(last, grids["fused"][2][fused_src])
     assert torch.equal(grids["last"][2][fused_src], grids["last"][-1][fused_src])  # frozen once dropped
