@@ -224,7 +224,7 @@ def test_plan_change_copy_and_errors():
         for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):  # stays patched
             assert imagepiece.is_patched(clone) and torch.equal(main(clone(x)), reduced)
         with pytest.raises(ValueError, match="not supported on a token-reduced"):
-            model(x, output_hidden_states=True)
+            model(x, output_attentions=True)
     assert repr(model.imagepiece).endswith("family='transformers')")
 
 

@@ -365,6 +365,8 @@ def visualize(
     out: str = typer.Option("visualize", "--out", "-o", help="Output folder (one PNG per image, "
                             "contact_sheet.png for several), or a .png file for a single image."),
     seed: int = typer.Option(0, "--seed", help="Seed of random weights."),
+    features: bool = typer.Option(False, "--features", help="Also draw each block's output "
+                                  "unmerged to the full grid (3 principal components as colours)."),
 ) -> None:
     """Draw the token partition and class attention of each method at chosen blocks."""
     from .analysis import AnalysisError, apply_method, load_model
@@ -393,7 +395,7 @@ def visualize(
                 raise AnalysisError("no image given (only the shipped model has default images)")
             net = load_model(model, _key_values(model_arg, "--model-arg"), checkpoint, seed=seed)
             default_methods = ["tome", "evit", "imagepiece"]
-        paths = draw(net, images, list(method) if method else default_methods, out, block_list)
+        paths = draw(net, images, list(method) if method else default_methods, out, block_list, features)
     except ValueError as e:  # AnalysisError, VisError, ZooError, DataError
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None

@@ -62,9 +62,11 @@ def _entrypoint(base: str) -> Callable:
         if kwargs.get("pretrained_cfg_overlay") is None:
             kwargs.pop("pretrained_cfg_overlay", None)
         knobs = {k: kwargs.pop(k) for k in list(kwargs) if k in _PLAN_KNOBS}
+        features = _feature_request(kwargs)
         model = timm.create_model(base, pretrained=pretrained, **kwargs)
         add_coherence(model, coherence)
-        return patch(model, plan, **knobs)
+        patch(model, plan, **knobs)
+        return model if features is None else _feature_net(model, features)
 
     create.__name__ = f"imagepiece_{base}"
     create.__qualname__ = create.__name__
@@ -82,6 +84,34 @@ def fixed_input_size(model) -> tuple[int, int] | None:
     if size is None or getattr(pe, "dynamic_img_size", False) or not getattr(pe, "strict_img_size", True):
         return None
     return tuple(size)
+
+
+def _feature_request(kwargs: dict) -> dict | None:
+    """Pop timm's ``features_only`` options: we build the model whole (so the coherence bias and
+    the plan go where the patch embedding is) and wrap it as timm would, afterwards."""
+    if not kwargs.pop("features_only", False):
+        return None
+    cls = kwargs.pop("feature_cls", "getter")
+    if cls != "getter":
+        raise ValueError(f"feature_cls={cls!r} is not supported for imagepiece_* models; "
+                         "ViTs give features through 'getter' (forward_intermediates)")
+    return dict(out_indices=kwargs.pop("out_indices", 3))
+
+
+def _feature_net(model, features: dict):
+    """timm's ``features_only`` wrapper of a ViT around our finished model."""
+    from timm.models._builder import pretrained_cfg_for_features
+    from timm.models._features import FeatureGetterNet
+
+    traits = dict(getattr(model, "_traits", {}))
+    in_chans = getattr(model, "in_chans", None)
+    net = FeatureGetterNet(model, **features)
+    net._traits = traits
+    if in_chans is not None:
+        net.in_chans = in_chans
+    net.pretrained_cfg = pretrained_cfg_for_features(model.pretrained_cfg)
+    net.default_cfg = net.pretrained_cfg
+    return net
 
 
 def registered_models() -> list[str]:

@@ -31,6 +31,7 @@ __all__ = [
     "prune_select",
     "proportional_bias",
     "retokenize_matching",
+    "unmerge",
 ]
 
 
@@ -379,6 +380,18 @@ def size_weighted_mean(x: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
     as the patches it replaced, so average pooling equals pooling over the original patches."""
     w = size.unsqueeze(-1).to(x.dtype)
     return (x * w).sum(1) / w.sum(1)
+
+
+def unmerge(tokens: torch.Tensor, owner: torch.Tensor, fill: torch.Tensor | None = None) -> torch.Tensor:
+    """Features of the original patches from a reduced sequence: patch ``p`` of image ``b`` gets
+    ``tokens[b, owner[b, p]]`` (so a merged group's members share its feature); where ``owner``
+    is -1 (no token holds the patch) it gets ``fill[b, p]``, or zeros without ``fill``.
+
+    tokens: ``(B, N, C)``; owner: ``(B, n)`` long; fill: ``(B, n, C)``. Returns ``(B, n, C)``.
+    """
+    grid = _gather(tokens, owner.clamp_min(0))
+    held = (owner >= 0).unsqueeze(-1)
+    return torch.where(held, grid, grid.new_zeros(()) if fill is None else fill.to(grid.dtype))
 
 
 def merge_weighted(

@@ -11,8 +11,8 @@ the controller (``model.imagepiece``), the trace, size-weighted pooling and the 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.nn as nn
@@ -34,7 +34,11 @@ __all__ = [
     "swap_class",
     "ReducedModule",
     "cut_blocks",
-    "last_sizes",
+    "GridTap",
+    "RunOutput",
+    "Taps",
+    "sizes_of",
+    "tag_sizes",
     "unpatch",
 ]
 
@@ -69,7 +73,9 @@ class BlockTrace:
 class Controller:
     """``model.imagepiece``: the plan of a patched model, its resolved steps and the trace.
 
-    Not an ``nn.Module``, so the model's state dict is unchanged by patching.
+    Not an ``nn.Module``, so the model's state dict is unchanged by patching. It holds no state
+    that a later call reads back: what one forward pass produces (sizes, grid features) is
+    returned with that call's outputs; the trace is a record for people, never an input.
     """
 
     def __init__(self, plan: ReductionPlan, depth: int, num_prefix: int, has_class_token: bool,
@@ -81,8 +87,6 @@ class Controller:
         self.trace_sources = False
         self.trace_scores = False
         self.trace: list[BlockTrace] = []
-        self.last_size: torch.Tensor | None = None  # sizes out of the last forward pass
-        self.last_tokens: int | None = None  # tokens out of the last forward pass
         self._cache: dict[int, tuple[Step, ...]] = {}
         self.plan = plan
 
@@ -148,6 +152,12 @@ class ReducedModule:
 
     def __reduce_ex__(self, protocol):
         return _unpickle_patched, (type(self).__bases__[0], self._imagepiece_original_class), self.__dict__
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this first: refuse in one line instead of a compiler error
+        raise TypeError("TorchScript is not supported on a token-reduced model (plans resolve per "
+                        "input size in Python); use torch.compile or ONNX export, or script the "
+                        "model after imagepiece.unpatch(model)")
 
 
 def _reduced_class(mixin: type, base: type) -> type:
@@ -215,6 +225,59 @@ class Layout(Protocol):
 # --------------------------------------------------------------------------------------
 
 
+PRUNED_MODES = ("fused", "last", "zeros")
+
+
+@dataclass(frozen=True)
+class Taps:
+    """What a caller asks one forward pass to return besides its output: the outputs of
+    ``blocks`` with the patch tokens unmerged to the full grid (:class:`GridTap`).
+
+    ``pruned`` says what a patch whose token was dropped gets: ``"fused"`` (default) the feature
+    of the token that holds it, EViT's fused token (zeros under a discard plan, where no token
+    holds it); ``"last"`` the feature its token had when it was dropped (the residual stream
+    after that block's attention); ``"zeros"`` zeros. ``stop`` runs no block after that index.
+    """
+
+    blocks: frozenset[int]
+    pruned: str = "fused"
+    stop: int | None = None
+
+    def __post_init__(self):
+        if self.pruned not in PRUNED_MODES:
+            raise ValueError(f"pruned={self.pruned!r} is not allowed; expected one of {PRUNED_MODES}")
+
+
+class GridTap(NamedTuple):
+    """One block's output as a :class:`Taps` request returns it (detached from nothing: it is
+    part of the computation, gradients flow through it)."""
+
+    block: int
+    tokens: torch.Tensor  # (B, N_i, C), prefix tokens first
+    owner: torch.Tensor | None  # (B, patches): index of the token holding each patch, -1 none;
+    #                             None: nothing was reduced yet, patch p is token prefix + p
+    last: torch.Tensor | None  # (B, patches, C): features of dropped patches (pruned="last")
+
+    def unmerge(self, num_prefix: int, norm: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(prefix tokens (B, P, C), patch features on the grid (B, patches, C))``, both after
+        ``norm`` when given. With nothing reduced the patch tokens are returned as they are."""
+        tokens = self.tokens if norm is None else norm(self.tokens)
+        if self.owner is None:
+            return tokens[:, :num_prefix], tokens[:, num_prefix:]
+        fill = self.last if norm is None or self.last is None else norm(self.last)
+        return tokens[:, :num_prefix], ops.unmerge(tokens, self.owner, fill)
+
+
+class RunOutput(NamedTuple):
+    """What :func:`run_blocks` returns: the tokens, their sizes (``None`` while all are 1), the
+    grid taps asked for (empty without a :class:`Taps` request) and the patch grid (rows, cols)."""
+
+    x: torch.Tensor
+    size: torch.Tensor | None
+    taps: list[GridTap]
+    grid: tuple[int, int]
+
+
 @dataclass
 class _State:
     """Per-token tensors that travel with the tokens through one forward pass."""
@@ -225,14 +288,50 @@ class _State:
     # Sizes as proportional attention sees them, where they differ from ``size``: with
     # ``fused_bias=False`` EViT's fused token counts as one token there (None = ``size``).
     bias_size: torch.Tensor | None = None
+    # Only while grid taps are asked for on a reducing plan (see :class:`Taps`): the token
+    # holding each patch (B, patches) long, -1 for none; the features dropped patches last had
+    # (``pruned="last"``); the ``Taps.pruned`` rule.
+    owner: torch.Tensor | None = None
+    last: torch.Tensor | None = None
+    pruned: str | None = None
 
     @property
     def attn_size(self) -> torch.Tensor | None:
         return self.size if self.bias_size is None else self.bias_size
 
 
+def _merge_owner(index: ops.MergeIndex, owner: torch.Tensor, n: int) -> torch.Tensor:
+    """Where each patch's token went in a merge of ``n`` tokens: kept and destination tokens to
+    their new slots, merged-away sources to their destination's slot; -1 (unheld) stays -1."""
+    rows = torch.cat([index.keep, index.dst], dim=1)
+    new = torch.full((owner.shape[0], n + 1), -1, dtype=torch.long, device=owner.device)
+    new.scatter_(1, rows, torch.arange(rows.shape[1], device=owner.device).expand_as(rows).contiguous())
+    new.scatter_(1, index.src, index.dst_slot + index.keep.shape[1])
+    return new.gather(1, torch.where(owner >= 0, owner, n))
+
+
+def _prune_owner(index: ops.SelectIndex, x: torch.Tensor, st: _State, fuse: bool):
+    """Owner and last features after a prune: kept tokens to their new slots; dropped ones to
+    the fused token (rule ``"fused"`` with ``fuse``) or to -1, remembering their features."""
+    B, n = x.shape[:2]
+    owner = st.owner
+    k = index.keep.shape[1]
+    new = torch.full((B, n + 1), k if fuse and st.pruned == "fused" else -1, dtype=torch.long,
+                     device=x.device)
+    new[:, n] = -1  # patches no token held before stay unheld
+    new.scatter_(1, index.keep, torch.arange(k, device=x.device).expand_as(index.keep).contiguous())
+    out = new.gather(1, torch.where(owner >= 0, owner, n))
+    last = st.last
+    if st.pruned == "last":
+        dropped_now = ((out < 0) & (owner >= 0)).unsqueeze(-1)
+        before = ops.unmerge(x, owner)
+        last = torch.where(dropped_now, before, torch.zeros_like(before) if last is None else last)
+    return out, last
+
+
 def _merge_state(index: ops.MergeIndex, x: torch.Tensor, st: _State) -> tuple[torch.Tensor, _State]:
     pos = None
+    owner = None if st.owner is None else _merge_owner(index, st.owner, x.shape[1])
     if st.pos is not None:
         pos, _ = ops.merge_weighted(index, st.pos, st.size)
     x, size = ops.merge_weighted(index, x, st.size)
@@ -240,7 +339,7 @@ def _merge_state(index: ops.MergeIndex, x: torch.Tensor, st: _State) -> tuple[to
     bias_size = None
     if st.bias_size is not None:
         bias_size = ops.apply_merge(index, st.bias_size.unsqueeze(-1)).squeeze(-1)
-    return x, _State(size, pos, source, bias_size)
+    return x, replace(st, size=size, pos=pos, source=source, bias_size=bias_size, owner=owner)
 
 
 def _prune_bias_size(index: ops.SelectIndex, st: _State, fuse: bool, fused_bias: bool):
@@ -262,6 +361,7 @@ def _prune_state(
     index: ops.SelectIndex, x: torch.Tensor, st: _State, fuse: bool, fused_bias: bool = True
 ) -> tuple[torch.Tensor, _State]:
     bias_size = _prune_bias_size(index, st, fuse, fused_bias)
+    owner, last = (None, None) if st.owner is None else _prune_owner(index, x, st, fuse)
     x = ops.apply_select(index, x, "weighted" if fuse else None)
     size, pos, source = st.size, st.pos, st.source
     if size is not None or fuse:
@@ -279,7 +379,7 @@ def _prune_state(
         pos = ops.apply_select(index, pos)
     if source is not None:
         source = ops.apply_select(index, source, "amax" if fuse else None)
-    return x, _State(size, pos, source, bias_size)
+    return x, replace(st, size=size, pos=pos, source=source, bias_size=bias_size, owner=owner, last=last)
 
 
 def _block_step(layout: Layout, blk: nn.Module, x: torch.Tensor, st: _State, step: Step,
@@ -352,14 +452,16 @@ def cut_blocks(layout: Layout, blocks: Sequence[nn.Module], x: torch.Tensor,
 
 
 def run_blocks(layout: Layout, blocks: Sequence[nn.Module], x: torch.Tensor, grid: tuple[int, int],
-               ctl: Controller, checkpointing: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+               ctl: Controller, checkpointing: bool = False, taps: Taps | None = None) -> RunOutput:
     """Run ``blocks`` on tokens ``(B, prefix + grid patches, C)`` under ``ctl``'s plan.
 
-    Returns the tokens and their sizes (``None`` while all are 1) and, outside compilation,
-    leaves the trace in ``ctl.trace`` and the output sizes in ``ctl.last_size`` (for APIs that
-    pool in a second call, such as timm's ``forward_head(forward_features(x))``).
+    Returns the tokens, their sizes (``None`` while all are 1) and, when ``taps`` asks, the
+    outputs of the requested blocks with where each patch is (:class:`GridTap`): everything a
+    call produces is returned to that call. Outside compilation the trace is left in
+    ``ctl.trace`` for people to read. ``blocks`` may be the plan's first blocks only (a model
+    truncated by timm's ``prune_intermediate_layers``).
     """
-    steps = ctl.steps(x.shape[1])
+    steps = ctl.steps(x.shape[1])[: len(blocks)]
     P = ctl.num_prefix
     tracing = not torch.compiler.is_compiling()
     want_sources = tracing and ctl.trace_sources
@@ -372,34 +474,57 @@ def run_blocks(layout: Layout, blocks: Sequence[nn.Module], x: torch.Tensor, gri
         source=(ops.initial_sources(B, P, grid[0] * grid[1], x.device, torch.float32)
                 if want_sources else None),
     )
+    if taps is not None and any(s.kind != "none" for s in steps):
+        # Paid only when grid features are asked for: one (B, patches) index map.
+        owner = torch.arange(P, x.shape[1], device=x.device).expand(B, -1)
+        st = replace(st, owner=owner, pruned=taps.pruned)
     trace: list[BlockTrace] = []
+    tapped: list[GridTap] = []
     extent = float(max(grid))
     for i, (blk, step) in enumerate(zip(blocks, steps, strict=True)):
+        if taps is not None and taps.stop is not None and i > taps.stop:
+            break
         if checkpointing:
             x, st, rec = checkpoint(_block_step, layout, blk, x, st, step, ctl, extent, want_scores,
                                     use_reentrant=False)
         else:
             x, st, rec = _block_step(layout, blk, x, st, step, ctl, extent, want_scores)
+        if taps is not None and i in taps.blocks:
+            tapped.append(GridTap(i, x, st.owner, st.last))
         if tracing:
             rec.block = i
             trace.append(rec)
     if tracing:
-        ctl.trace, ctl.last_size, ctl.last_tokens = trace, st.size, x.shape[1]
-    return x, st.size
+        ctl.trace = trace
+    return RunOutput(x, st.size, tapped, grid)
 
 
-def last_sizes(ctl: Controller, x: torch.Tensor) -> torch.Tensor | None:
-    """Sizes of the tokens ``x`` for a pooling call made after the forward pass: those of the
-    last pass when they fit ``x``; ``None`` when every token is one patch."""
-    size = ctl.last_size
-    if size is not None and tuple(size.shape) == tuple(x.shape[:2]):
-        return size
-    if size is None and ctl.last_tokens in (None, x.shape[1]):
+_SIZES = "_imagepiece_sizes"
+
+
+def tag_sizes(x: torch.Tensor, size: torch.Tensor | None) -> torch.Tensor:
+    """Attach to the features ``x`` the sizes of its tokens (``None``: all 1) and return ``x``.
+
+    For APIs that pool in a second call (timm's ``forward_head(forward_features(x))``): the
+    sizes live on the very tensor they describe and die with it, so features of another call,
+    eager or compiled, can never be pooled with them.
+    """
+    setattr(x, _SIZES, (size,))
+    return x
+
+
+def sizes_of(x: torch.Tensor, ctl: Controller) -> torch.Tensor | None:
+    """The sizes :func:`tag_sizes` attached to ``x``. Untagged tokens count as one patch each
+    only on a model whose plan reduces nothing; otherwise their sizes are unknown: ValueError."""
+    tagged = getattr(x, _SIZES, None)
+    if tagged is not None and (tagged[0] is None or tuple(tagged[0].shape) == tuple(x.shape[:2])):
+        return tagged[0]
+    if tagged is None and ctl.plan.is_identity:
         return None
     raise ValueError(
         f"got {x.shape[1]} tokens whose sizes are unknown; on a token-reduced model pool the "
-        "output of the forward pass on the same input (e.g. forward_head(forward_features(x))), "
-        "or call model(x)"
+        "tensor forward_features returned, unchanged (its sizes travel with it), pass "
+        "size=..., or call model(x)"
     )
 
 

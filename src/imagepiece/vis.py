@@ -75,6 +75,7 @@ class BlockView:
     labels: np.ndarray  # (gh, gw) token index per patch, -1 = discarded
     fused: np.ndarray  # (gh, gw) bool: patch is in EViT's fused token
     attention: np.ndarray | None  # (gh, gw) class attention (spread onto patches), entering the op
+    features: np.ndarray | None = None  # (gh, gw, 3) unmerged block output, 3 principal components
 
 
 @dataclass
@@ -83,8 +84,10 @@ class MethodView:
     blocks: list[BlockView]
 
 
-def trace_image(model: nn.Module, x: torch.Tensor, method: str, blocks: Sequence[int]) -> MethodView:
-    """Run ``x`` (1, 3, H, W) under ``method`` with tracing and extract the chosen blocks."""
+def trace_image(model: nn.Module, x: torch.Tensor, method: str, blocks: Sequence[int],
+                features: bool = False) -> MethodView:
+    """Run ``x`` (1, 3, H, W) under ``method`` with tracing and extract the chosen blocks;
+    ``features`` adds each block's output unmerged to the grid, as principal-component colours."""
     apply_method(model, method)
     ctl = model.imagepiece
     depth = ctl.depth
@@ -118,7 +121,38 @@ def trace_image(model: nn.Module, x: torch.Tensor, method: str, blocks: Sequence
         att = None if t.patch_scores is None else t.patch_scores[0].float().cpu().numpy().reshape(gh, gw)
         views.append(BlockView(i, t.kind, t.tokens_in, t.tokens_out, labels.reshape(gh, gw),
                                fused_set.reshape(gh, gw).copy(), att))
+    if features:
+        grids = _grid_features(model, x.to(model_device(model)), [v.block for v in views])
+        for v, g in zip(views, grids, strict=True):
+            v.features = pca_colours(g, (gh, gw))
     return MethodView(method, views)
+
+
+def _grid_features(model: nn.Module, x: torch.Tensor, blocks: Sequence[int]) -> list[torch.Tensor]:
+    """The outputs of ``blocks`` for one image on the full patch grid, ``(patches, C)`` each:
+    timm's ``forward_intermediates`` or transformers' ``output_hidden_states``."""
+    from .patch import is_transformers_model
+
+    with torch.inference_mode():
+        if is_transformers_model(model):
+            states = model(x, output_hidden_states=True).hidden_states
+            return [states[b + 1][0, model.imagepiece.num_prefix:] for b in blocks]
+        feats = model.forward_intermediates(x, indices=list(blocks), output_fmt="NLC", norm=True,
+                                            intermediates_only=True)
+        return [f[0] for f in feats]
+
+
+def pca_colours(features: torch.Tensor, grid: tuple[int, int]) -> np.ndarray:
+    """``(patches, C)`` features as ``(gh, gw, 3)`` colours: the first three principal components,
+    each scaled to [0, 1] (patches with one feature get one colour)."""
+    f = features.float().cpu()
+    f = f - f.mean(dim=0)
+    _, _, v = torch.linalg.svd(f, full_matrices=False)
+    pcs = f @ v[:3].T
+    if pcs.shape[1] < 3:
+        pcs = torch.cat([pcs, pcs.new_zeros(pcs.shape[0], 3 - pcs.shape[1])], dim=1)
+    lo, hi = pcs.min(dim=0).values, pcs.max(dim=0).values
+    return ((pcs - lo) / (hi - lo).clamp_min(1e-12)).reshape(*grid, 3).numpy()
 
 
 def _grid(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
@@ -192,7 +226,8 @@ def render_figure(image: np.ndarray, views: Sequence[MethodView], path: str, tit
     from matplotlib.patches import Patch
 
     nblocks = max(len(v.blocks) for v in views)
-    cols = 1 + 2 * nblocks
+    per = 3 if any(bv.features is not None for v in views for bv in v.blocks) else 2
+    cols = 1 + per * nblocks
     scale = max(1, int(np.ceil(192 / max(image.shape[:2]))))
     fig, axes = plt.subplots(len(views), cols, figsize=(1.9 * cols, 2.5 * len(views) + 1.0),
                              dpi=100, squeeze=False)
@@ -202,11 +237,15 @@ def render_figure(image: np.ndarray, views: Sequence[MethodView], path: str, tit
         ax.set_title("input", fontsize=8)
         ax.set_ylabel(view.method, fontsize=9, rotation=90)
         for c, bv in enumerate(view.blocks):
-            ax = axes[r, 1 + 2 * c]
+            ax = axes[r, 1 + per * c]
             ax.imshow(partition_image(image, bv, scale), interpolation="nearest")
             ax.set_title(f"block {bv.block} {bv.kind}\n{bv.tokens_in}->{bv.tokens_out} tokens",
                          fontsize=7)
-            ax = axes[r, 2 + 2 * c]
+            if bv.features is not None:
+                ax = axes[r, 3 + per * c]
+                ax.imshow(_upsample(bv.features, image.shape[:2]), interpolation="nearest")
+                ax.set_title(f"block {bv.block} features\n(unmerged, 3 PCs)", fontsize=7)
+            ax = axes[r, 2 + per * c]
             ax.imshow(image.mean(axis=2), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
             if bv.attention is not None:
                 att = bv.attention.copy()
@@ -257,8 +296,10 @@ def contact_sheet(paths: Sequence[str], out: str, width: int = 900) -> None:
 
 
 def visualize(model: nn.Module, images: Sequence[str], methods: Sequence[str], out: str,
-              blocks: Sequence[int] | None = None) -> list[str]:
+              blocks: Sequence[int] | None = None, features: bool = False) -> list[str]:
     """Write one PNG per image (and ``contact_sheet.png`` for several); returns the paths.
+    ``features`` adds, beside each partition, the block's output unmerged to the full grid
+    (first three principal components as colours).
 
     ``out`` is a folder, or a ``.png`` file name when there is a single image. Every image,
     method and output path is checked before anything is written.
@@ -275,7 +316,8 @@ def visualize(model: nn.Module, images: Sequence[str], methods: Sequence[str], o
     for m in methods:
         apply_method(model, m)
     blocks = list(blocks) if blocks else default_blocks(model, methods)
-    rendered = [(path, arr, [trace_image(model, x, m, blocks) for m in methods]) for path, arr, x in loaded]
+    rendered = [(path, arr, [trace_image(model, x, m, blocks, features) for m in methods])
+                for path, arr, x in loaded]
     written = []
     for (path, arr, views), target in zip(rendered, targets, strict=False):
         atomic_write(target, lambda tmp, a=arr, v=views, n=os.path.basename(path):

@@ -24,6 +24,7 @@ from ..runtime import (
     Controller,
     ModelInfo,
     ReducedModule,
+    Taps,
     cut_blocks,
     original_class,
     pool_patches,
@@ -137,9 +138,8 @@ def _reject(bool_masked_pos, attention_mask, kwargs: dict) -> None:
     if bool_masked_pos is not None or attention_mask is not None:
         raise ValueError("masks (bool_masked_pos, attention_mask) are not supported on a token-reduced "
                          "model")
-    asked = [k for k in ("output_attentions", "output_hidden_states") if kwargs.get(k)]
-    if asked:
-        raise ValueError(f"{', '.join(asked)} is not supported on a token-reduced model (token counts "
+    if kwargs.get("output_attentions"):
+        raise ValueError("output_attentions is not supported on a token-reduced model (token counts "
                          "change between layers); read model.imagepiece.trace instead")
 
 
@@ -195,10 +195,23 @@ class _ReducedTower(ReducedModule):
         kind = self._kind
         x = _embed(self, kind, pixel_values, interpolate_pos_encoding)
         layers = kind.layers(self)
-        x, size = run_blocks(kind.layout, layers, x, _grid(self.config, pixel_values), self.imagepiece,
-                             _checkpointing(self, layers))
-        x, pooled = kind.finish(self, x)
-        return ReducedOutput(last_hidden_state=x, pooler_output=pooled, token_sizes=size)
+        hidden = kwargs.get("output_hidden_states")
+        if hidden is None:
+            hidden = getattr(self.config, "output_hidden_states", False)
+        taps = Taps(frozenset(range(len(layers)))) if hidden else None
+        run = run_blocks(kind.layout, layers, x, _grid(self.config, pixel_values), self.imagepiece,
+                         _checkpointing(self, layers), taps)
+        states = _full_grid_states(x, run.taps, self.imagepiece.num_prefix) if hidden else None
+        out, pooled = kind.finish(self, run.x)
+        return ReducedOutput(last_hidden_state=out, pooler_output=pooled, token_sizes=run.size,
+                             hidden_states=states)
+
+
+def _full_grid_states(embedded: torch.Tensor, taps: list, num_prefix: int) -> tuple[torch.Tensor, ...]:
+    """transformers' ``hidden_states`` on the full grid: the embeddings, then every layer's output
+    as ``[prefix | one feature per patch]`` (merged groups broadcast to their members, EViT's
+    fused token to the patches it absorbed), as long as the unpatched model's."""
+    return (embedded, *(torch.cat(t.unmerge(num_prefix), dim=1) for t in taps))
 
 
 class _ReducedViTModel(_ReducedTower):
@@ -234,7 +247,7 @@ class _ReducedDinov2Classifier(ReducedModule):
         pooled = pool_patches(seq, out.token_sizes, self.imagepiece.num_prefix)
         logits = self.classifier(torch.cat([seq[:, 0], pooled], dim=1))
         loss = self.loss_function(labels, logits, self.config) if labels is not None else None
-        return ImageClassifierOutput(loss=loss, logits=logits)
+        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
 
 
 class _Tower(NamedTuple):

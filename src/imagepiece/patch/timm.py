@@ -23,12 +23,15 @@ from ..runtime import (
     Controller,
     ModelInfo,
     ReducedModule,
+    RunOutput,
+    Taps,
     cut_blocks,
     is_patched,
-    last_sizes,
     pool_patches,
     run_blocks,
+    sizes_of,
     swap_class,
+    tag_sizes,
     unpatch,
 )
 
@@ -160,14 +163,15 @@ class _ReducedViT(ReducedModule):
     imagepiece: Controller
 
     def forward_features(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
-        return self._imagepiece_features(x, **kwargs)[0]
+        run = self._imagepiece_features(x, **kwargs)
+        return tag_sizes(run.x, run.size)  # for forward_head: the sizes travel with the features
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False, size=None) -> torch.Tensor:
         if self.global_pool not in ("avg", "avgmax"):
             return super().forward_head(x, pre_logits=pre_logits)
         if size is None:
-            # timm's two-step API (forward_head(forward_features(x))) has no place for sizes
-            size = last_sizes(self.imagepiece, x)
+            # timm's two-step API (forward_head(forward_features(x))): the sizes are on x
+            size = sizes_of(x, self.imagepiece)
         if size is None:
             return super().forward_head(x, pre_logits=pre_logits)
         pooled = pool_patches(x, size, self.num_prefix_tokens)
@@ -177,24 +181,53 @@ class _ReducedViT(ReducedModule):
         return pooled if pre_logits else self.head(pooled)
 
     def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
-        x, size = self._imagepiece_features(x, **kwargs)
-        return self.forward_head(x, size=size)
+        return self.forward_head(self.forward_features(x, **kwargs))
 
-    def forward_intermediates(self, *args, **kwargs):
-        if not self.imagepiece.plan.is_identity:
-            raise ValueError(
-                f"forward_intermediates is not available under the reducing plan "
-                f"{self.imagepiece.plan.name!r}: token counts change between blocks; use "
-                "model.imagepiece.record(...) and model.imagepiece.trace, or plan='none'"
-            )
-        return super().forward_intermediates(*args, **kwargs)
+    def forward_intermediates(self, x: torch.Tensor, indices=None, return_prefix_tokens: bool = False,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False, output_dict: bool = False,
+                              attn_mask=None, is_causal: bool = False, pruned: str = "fused"):
+        """timm's ``forward_intermediates`` under any plan: each requested block's patch tokens
+        unmerged to the full grid (a merged group's feature on every member patch; ``pruned``
+        as in :class:`imagepiece.runtime.Taps`), shaped as timm documents; prefix tokens as timm
+        returns them. The final features carry their sizes for ``forward_head``."""
+        if (attn_mask is not None or is_causal) and self.imagepiece.plan.is_identity:
+            return super().forward_intermediates(
+                x, indices, return_prefix_tokens, norm, stop_early, output_fmt, intermediates_only,
+                output_dict, attn_mask, is_causal)
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt={output_fmt!r} is not allowed; expected 'NCHW' or 'NLC'")
+        from timm.models._features import feature_take_indices
 
-    def _imagepiece_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False):
+        take, last = feature_take_indices(len(self.blocks), indices)
+        taps = Taps(frozenset(take), pruned, last if stop_early else None)
+        run = self._imagepiece_features(x, attn_mask, is_causal, taps)
+        P = self.num_prefix_tokens
+        pairs = [t.unmerge(P, self.norm if norm else None) for t in run.taps]
+        inter = [g for _, g in pairs]
+        if output_fmt == "NCHW":
+            (h, w), B = run.grid, x.shape[0]
+            inter = [g.reshape(B, h, w, -1).permute(0, 3, 1, 2).contiguous() for g in inter]
+        prefix = [p for p, _ in pairs] if P else None
+        if output_dict:
+            out = {"image_intermediates": inter}
+            if prefix is not None and return_prefix_tokens:
+                out["image_intermediates_prefix"] = prefix
+            if not intermediates_only:
+                out["image_features"] = tag_sizes(run.x, run.size)
+            return out
+        if return_prefix_tokens and prefix is not None:
+            inter = list(zip(inter, prefix, strict=True))
+        return inter if intermediates_only else (tag_sizes(run.x, run.size), inter)
+
+    def _imagepiece_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False,
+                             taps: Taps | None = None) -> RunOutput:
+        """Embedding, blocks and final norm; the output tokens are normalised, taps are not."""
         if attn_mask is not None or is_causal:
             raise ValueError("attention masks are not supported on a token-reduced model")
         x, grid = _embed(self, x)
-        x, size = run_blocks(_LAYOUT, self.blocks, x, grid, self.imagepiece, _checkpointing(self))
-        return self.norm(x), size
+        run = run_blocks(_LAYOUT, self.blocks, x, grid, self.imagepiece, _checkpointing(self), taps)
+        return run._replace(x=self.norm(run.x))
 
 
 def limit_forward(model: nn.Module, x: torch.Tensor, tokens: Sequence[tuple[int, int]]) -> torch.Tensor:
