@@ -458,6 +458,15 @@ PRESETS = {
 }
 
 
+def preset_knobs(name: str) -> dict[str, object]:
+    """Knob name -> default value of the preset ``name`` (``fuse`` is the preset's own choice)."""
+    factory = PRESETS[name]
+    params = inspect.signature(factory).parameters
+    if "kw" in params:  # a preset that forwards its knobs to another
+        params = inspect.signature(_imagepiece).parameters
+    return {k: p.default for k, p in params.items() if k not in ("depth", "kw", "fuse")}
+
+
 def make_plan(plan: str | ReductionPlan | None, depth: int = 12, **kwargs) -> ReductionPlan:
     """A plan from a preset name and its knobs, or a given :class:`ReductionPlan` unchanged."""
     if plan is None:
