@@ -268,7 +268,7 @@ def _run(args):
     (["--backend", "tensorrt"], "unknown backend"),
     (["--dataset", "cifar"], "dataset='cifar' is not allowed"),
     (["--method", "tomee"], "unknown method"),
-    (["--method", "none"], "no keep_rate or r knob"),
+    (["--batch-size", "0"], "batch_size=0 is not allowed"),
     (["--mean", "0.5,0.5"], "mean="),
     (["--crop-pct", "2"], "crop_pct=2.0 is not allowed"),
     (["--target-speedup", "-1"], "target_speedup=-1.0"),
