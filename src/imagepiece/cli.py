@@ -328,6 +328,87 @@ def eval_(
             typer.echo(f"wrote {json_path}")
 
 
+@app.command()
+def tune(
+    model: str = typer.Option("shipped:baseline", "--model", "-m",
+                              help="A timm name (with --checkpoint or --pretrained), a transformers "
+                                   "save_pretrained folder, or shipped:NAME (baseline, tome, evit, "
+                                   "imagepiece)."),
+    checkpoint: str = typer.Option(None, "--checkpoint", help="Weights of a timm model (.safetensors, "
+                                   ".pth)."),
+    pretrained: bool = typer.Option(False, "--pretrained", help="timm's pretrained weights."),
+    model_arg: list[str] = typer.Option(None, "--model-arg", help="Repeatable KEY=VALUE for "
+                                        "timm.create_model, e.g. num_classes=10."),
+    method: list[str] = typer.Option(None, "--method", help="Repeatable method to sweep over its knob "
+                                     "('evit', 'imagepiece:size_norm=true') or to add as is ('tome:r=8'). "
+                                     "Default: tome, evit, imagepiece."),
+    dataset: str = typer.Option("fashion-mnist", "--dataset",
+                                help="fashion-mnist (the shipped test copy by default), imagefolder, "
+                                     "synthetic."),
+    data: str = typer.Option(None, "--data", help="Dataset root (imagefolder: with val/ or a class tree)."),
+    split: str = typer.Option("test", "--split", help="val, test or train (always the eval transform)."),
+    max_images: int = typer.Option(2000, "--max-images", help="A fixed random subset of this many images."),
+    batch_size: int = typer.Option(64, "--batch-size", "-b", help="Batch for top-1 and for timing."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N, mps."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32, fp16, bf16 (autocast)."),
+    backend: str = typer.Option("eager", "--backend", help="eager, compile, onnxruntime."),
+    runs: int = typer.Option(10, "--runs", help="Timed rounds; each runs every variant once."),
+    points: int = typer.Option(5, "--points", help="Knob values per method, chosen from GMACs."),
+    refine: int = typer.Option(2, "--refine", help="Extra values per method where measured speed-ups "
+                               "leave gaps."),
+    target_speedup: float = typer.Option(None, "--target-speedup", help="Pick the most accurate plan at "
+                                         "least this fast."),
+    max_drop: float = typer.Option(None, "--max-drop", help="Pick the fastest plan within this many "
+                                   "points of the unmodified top-1."),
+    mean: str = typer.Option(None, "--mean", help="Override the model's mean, e.g. 0.5,0.5,0.5."),
+    std: str = typer.Option(None, "--std", help="Override the model's std."),
+    crop_pct: float = typer.Option(None, "--crop-pct", help="Override the model's crop fraction."),
+    interpolation: str = typer.Option(None, "--interpolation", help="Override: bilinear, bicubic, ..."),
+    img_size: int = typer.Option(None, "--img-size", help="Override the model's input size."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the image subset and of the round order."),
+    json_path: str = typer.Option(None, "--json", help="Write the table and setup as JSON."),
+    csv_path: str = typer.Option(None, "--csv", help="Write one CSV row per variant."),
+    plot_path: str = typer.Option(None, "--plot", help="Plot top-1 against measured speed-up."),
+) -> None:
+    """Find the fastest plan that keeps your accuracy: sweep ToMe, EViT and ImagePiece on your model
+    and labelled data, measure top-1 and images/s, mark the Pareto front and pick a plan."""
+    from rich.progress import Progress
+
+    from . import tune as T
+
+    prep = {k: v for k, v in dict(mean=_float_list(mean, "--mean"), std=_float_list(std, "--std"),
+                                   crop_pct=crop_pct, interpolation=interpolation, img_size=img_size).items()
+            if v is not None}
+    req = T.TuneRequest(
+        model=model, checkpoint=checkpoint, pretrained=pretrained,
+        model_kwargs=_key_values(model_arg, "--model-arg"), dataset=dataset, data_root=data, split=split,
+        max_images=max_images, methods=tuple(method) if method else T.DEFAULT_METHODS,
+        options=T.TuneOptions(batch_size=batch_size, device=device, dtype=dtype, backend=backend, runs=runs,
+                              points=points, refine=refine, seed=seed),
+        target_speedup=target_speedup, max_drop=max_drop, preprocessing=prep, json_path=json_path,
+        csv_path=csv_path, plot_path=plot_path)
+    try:
+        with Progress(transient=True) as bar:
+            task = bar.add_task("tune", total=None)
+            result = T.run_request(req, lambda d, t, what: bar.update(task, completed=d, total=t,
+                                                                       description=what))
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted before any row was measured; nothing written", err=True)
+        raise typer.Exit(130) from None
+    T.render(result)
+    try:
+        for path in T.write_outputs(result, req):
+            typer.echo(f"wrote {path}")
+    except OSError as e:
+        typer.echo(f"error: could not write an output: {e}", err=True)
+        raise typer.Exit(1) from None
+    if result.interrupted:
+        raise typer.Exit(130)
+
+
 def _number_list(text: str | None, what: str, cast: type = int) -> list | None:
     """``"1,2;3"`` -> ``[1, 2, 3]`` (``,`` or ``;`` between items); None for no text."""
     if not text:

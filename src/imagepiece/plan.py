@@ -490,6 +490,15 @@ def knob_names(plan: str) -> list[str]:
     return [p for p in params if p not in ("depth", "kw") and not p.startswith("_")]
 
 
+def preset_knobs(name: str) -> dict[str, object]:
+    """Knob name -> default value of the preset ``name`` (``fuse`` is the preset's own choice)."""
+    factory = PRESETS[name]
+    params = inspect.signature(factory).parameters
+    if "kw" in params:  # a preset that forwards its knobs to another
+        params = inspect.signature(_imagepiece).parameters
+    return {k: p.default for k, p in params.items() if k not in ("depth", "kw", "fuse")}
+
+
 def make_plan(plan: str | ReductionPlan | None, depth: int = 12, **kwargs) -> ReductionPlan:
     """A plan from a preset name and its knobs, or a given :class:`ReductionPlan` unchanged."""
     if plan is None:
@@ -584,3 +593,15 @@ def format_method(name: str, knobs: dict[str, Any]) -> str:
             return "".join(f"{x};" for x in v)
         return ";".join(map(str, v)) if isinstance(v, tuple) else str(v)
     return name + (":" + ",".join(f"{k}={fmt(v)}" for k, v in knobs.items()) if knobs else "")
+
+
+def split_spec(plan: Any, knobs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """``("tome:r=8", {})`` -> ``("tome", {"r": 8})``: a method spec in place of a plan, its knobs
+    joined with ``knobs`` (a knob given both ways is an error). Other plans pass unchanged."""
+    if not isinstance(plan, str) or ":" not in plan:
+        return plan, dict(knobs)
+    name, parsed = parse_method(plan)
+    both = sorted(set(parsed) & set(knobs))
+    if both:
+        raise MethodError(f"knob(s) {both} given both in the spec {plan!r} and as keywords; give them once")
+    return name, {**parsed, **knobs}

@@ -19,7 +19,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from . import ops
-from .plan import ReductionPlan, Step, make_plan
+from .plan import ReductionPlan, Step, make_plan, preset_knobs, split_spec
 
 __all__ = [
     "BlockTrace",
@@ -31,6 +31,7 @@ __all__ = [
     "pool_patches",
     "restore_classes",
     "run_blocks",
+    "split_spec",
     "swap_class",
     "ReducedModule",
     "cut_blocks",
@@ -88,6 +89,8 @@ class Controller:
         self.trace_scores = False
         self.trace: list[BlockTrace] = []
         self._cache: dict[int, tuple[Step, ...]] = {}
+        #: (preset, knobs) when the plan was made from a preset name or spec, else None
+        self.preset: tuple[str, dict[str, Any]] | None = None
         self.plan = plan
 
     @property
@@ -96,11 +99,36 @@ class Controller:
 
     @plan.setter
     def plan(self, plan: ReductionPlan | str) -> None:
-        plan = make_plan(plan, self.depth)
+        self.set_plan(plan)
+
+    def set_plan(self, plan: ReductionPlan | str | None, **knobs: Any) -> None:
+        """Replace the plan: a :class:`ReductionPlan`, a preset name with ``knobs``, or a method
+        spec (``"tome:r=8"``, the CLI's syntax)."""
+        name, knobs = split_spec(plan, knobs)
+        made = make_plan(name, self.depth, **knobs)
         self._cache = {}
-        self._plan = plan
+        self._plan = made
+        self.preset = (name or "none", dict(knobs)) if not isinstance(name, ReductionPlan) else None
         # Resolve once for a typical size so bad plans fail now, not at the first forward.
         self.steps(self.num_prefix + 4 * 4)
+
+    def knob(self, name: str) -> Any:
+        """The value of knob ``name`` of the current preset plan (its default when not given);
+        None when the plan has no such knob."""
+        if self.preset is None:
+            return None
+        preset, knobs = self.preset
+        return knobs.get(name, preset_knobs(preset).get(name))
+
+    def set_knob(self, name: str, value: Any) -> None:
+        """Re-make the current preset plan with knob ``name`` set to ``value`` (``model.r = 8``)."""
+        if self.preset is None or name not in preset_knobs(self.preset[0]):
+            current = self.preset[0] if self.preset else f"a custom {self._plan.name!r} ReductionPlan"
+            raise AttributeError(
+                f"cannot set {name}={value!r}: the plan is {current}, which has no {name!r} knob; set the "
+                f"plan instead, e.g. model.imagepiece.plan = 'tome:{name}={value}'")
+        preset, knobs = self.preset
+        self.set_plan(preset, **{**knobs, name: value})
 
     def steps(self, num_tokens: int) -> tuple[Step, ...]:
         """Resolved per-block steps for an input of ``num_tokens`` tokens (cached)."""
@@ -148,7 +176,21 @@ _CLASSES: dict[tuple[type, type], type] = {}
 
 class ReducedModule:
     """Base of every family's mixin: a patched module pickles (and deep-copies) as its original
-    class with the patch re-applied on load, since the made-up class cannot be found by name."""
+    class with the patch re-applied on load, since the made-up class cannot be found by name.
+
+    ``module.r`` is ToMe's idiom: reading it gives the plan's ``r`` (None for plans without
+    one), setting it re-makes the plan with that ``r`` (``model.r = 4`` after
+    ``patch(model, "tome", r=16)``), and raises ``AttributeError`` naming the supported way
+    (``model.imagepiece.plan = "..."``) when the plan has no ``r`` knob.
+    """
+
+    @property
+    def r(self) -> Any:
+        return self.imagepiece.knob("r")
+
+    @r.setter
+    def r(self, value: Any) -> None:
+        self.imagepiece.set_knob("r", value)
 
     def __reduce_ex__(self, protocol):
         return _unpickle_patched, (type(self).__bases__[0], self._imagepiece_original_class), self.__dict__

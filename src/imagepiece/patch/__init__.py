@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..plan import ReductionPlan, make_plan, parse_method
+from ..plan import ReductionPlan, make_plan, parse_method, split_spec
 from ..runtime import BlockTrace, Controller, ModelInfo, is_patched, original_class, unpatch
 from . import timm as _timm
 
@@ -57,13 +57,15 @@ def patch(model: nn.Module, plan: str | ReductionPlan | None = "imagepiece", **k
     """Apply a reduction plan to a supported timm or ``transformers`` model in place; return it.
 
     ``plan`` is a preset name (``"tome"``, ``"evit"``, ``"imagepiece"``, ``"imagepiece+tome"``,
-    ``"imagepiece-discard"``, ``"none"``) with its knobs, or a :class:`ReductionPlan`.
+    ``"imagepiece-discard"``, ``"none"``) with its knobs, a method spec as the CLI takes it
+    (``"tome:r=8"``, ``"imagepiece:keep_rate=0.5"``), or a :class:`ReductionPlan`.
     Patching a patched model only replaces its plan.
     """
-    if is_patched(model):
-        model.imagepiece.plan = make_plan(plan, model.imagepiece.depth, **knobs)
-        return model
-    return _family(model).patch(model, plan, **knobs)
+    plan, knobs = split_spec(plan, knobs)
+    if not is_patched(model):
+        _family(model).patch(model, plan, **knobs)
+    model.imagepiece.set_plan(plan, **knobs)  # remembers the preset and knobs (``model.r``)
+    return model
 
 
 def use_method(model: nn.Module, spec: str, registered: bool = False) -> nn.Module:
