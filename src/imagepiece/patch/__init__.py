@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..plan import ReductionPlan, make_plan, parse_method, split_spec
+from ..plan import ReductionPlan, parse_method, split_spec
 from ..runtime import BlockTrace, Controller, ModelInfo, is_patched, original_class, unpatch
 from . import timm as _timm
 
