@@ -36,6 +36,7 @@ __all__ = [
     "run_blocks",
     "swap_class",
     "ReducedModule",
+    "Trace",
     "cut_blocks",
     "last_sizes",
     "unpatch",
@@ -69,6 +70,31 @@ class BlockTrace:
     fused: bool = False  # the last output token is EViT's fused token
 
 
+class Trace(list):
+    """``model.imagepiece.trace``: one :class:`BlockTrace` per block of the last forward pass.
+
+    A list whose ``repr`` is a short table (operation, tokens in and out, range of token sizes
+    per block) instead of every tensor; :meth:`full` or ``trace[i]`` give the tensors.
+    """
+
+    def full(self) -> str:
+        """Every field of every block, tensors included (long)."""
+        return "\n".join(repr(rec) for rec in self)
+
+    def __repr__(self) -> str:
+        if not self:
+            return "Trace(empty: no forward pass recorded yet)"
+        lines = [f"Trace of {len(self)} blocks (tokens include prefix tokens; sizes = patches per "
+                 "token; .full() for the tensors)", "block  op          tokens     sizes"]
+        for rec in self:
+            size = rec.size
+            sizes = "1" if size is None else f"{int(size.min())}-{int(size.max())}"
+            fused = " (fused token)" if rec.fused else ""
+            lines.append(f"{rec.block:5d}  {rec.kind:<10}  {rec.tokens_in:>4}->{rec.tokens_out:<4}"
+                         f" {sizes}{fused}")
+        return "\n".join(lines)
+
+
 class Controller:
     """``model.imagepiece``: the plan of a patched model, its resolved steps and the trace.
 
@@ -83,7 +109,7 @@ class Controller:
         self.family = family
         self.trace_sources = False
         self.trace_scores = False
-        self.trace: list[BlockTrace] = []
+        self.trace = Trace()
         self.last_size: torch.Tensor | None = None  # sizes out of the last forward pass
         self.last_tokens: int | None = None  # tokens out of the last forward pass
         self._cache: dict[int, tuple[Step, ...]] = {}
@@ -370,7 +396,7 @@ def run_blocks(layout: Layout, blocks: Sequence[nn.Module], x: torch.Tensor, gri
         source=(ops.initial_sources(B, P, grid[0] * grid[1], x.device, torch.float32)
                 if want_sources else None),
     )
-    trace: list[BlockTrace] = []
+    trace = Trace()
     extent = float(max(grid))
     for i, (blk, step) in enumerate(zip(blocks, steps, strict=True)):
         if checkpointing:
