@@ -1,4 +1,4 @@
-"""imagepiece: ImagePiece, EViT and ToMe token reduction for timm Vision Transformers.
+"""imagepiece: ImagePiece, EViT and ToMe token reduction for timm and transformers Vision Transformers.
 
 >>> import timm, imagepiece
 >>> model = timm.create_model("deit_small_patch16_224")
@@ -19,7 +19,18 @@ from .plan import (
     tome_schedule,
 )
 
-__version__ = "0.1.0"
+
+def _version() -> str:
+    """The installed distribution's version: pyproject.toml is its one source."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("imagepiece")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "0+unknown"
+
+
+__version__ = _version()
 
 __all__ = [
     "PRESETS",

@@ -8,22 +8,34 @@ import typer
 
 app = typer.Typer(
     name="imagepiece",
-    help="Token reduction (ImagePiece, EViT, ToMe) for timm Vision Transformers.",
+    help="Token reduction (ImagePiece, EViT, ToMe) for timm and transformers Vision Transformers.",
     no_args_is_help=True,
     add_completion=False,
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"imagepiece {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _commands() -> None:
+def _commands(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the installed version and exit."),
+) -> None:
     """Keep `imagepiece COMMAND` a command group even while only one command is registered."""
 
 
 @app.command()
 def bench(
     model: str = typer.Option("deit_small_patch16_224", "--model", "-m",
-                              help="Any timm ViT name (random weights unless --pretrained or "
-                                   "--checkpoint)."),
+                              help="A timm ViT name (random weights unless --pretrained or "
+                                   "--checkpoint) or a transformers model: a save_pretrained folder "
+                                   "or a hub id already cached."),
     method: list[str] = typer.Option(
         None, "--method",
         help="Repeatable. A preset, optionally with knobs: 'evit', 'evit:keep_rate=0.5', "
@@ -248,8 +260,9 @@ def train(
 
 @app.command("eval")
 def eval_(
-    model: str = typer.Option(None, "--model", "-m", help="timm or imagepiece_* name (default: the "
-                              "model of a run directory given as --checkpoint)."),
+    model: str = typer.Option(None, "--model", "-m", help="timm or imagepiece_* name, or a "
+                              "transformers model folder / cached hub id (default: the model of a "
+                              "run directory given as --checkpoint)."),
     checkpoint: str = typer.Option(None, "--checkpoint", help="Run directory, checkpoint "
                                    "directory, .safetensors, timm .pth/.pth.tar, EViT/ToMe release."),
     ema: bool = typer.Option(False, "--ema", help="Use the checkpoint's EMA weights."),
@@ -265,7 +278,8 @@ def eval_(
     img_size: int = typer.Option(None, "--img-size"),
     num_classes: int = typer.Option(None, "--num-classes"),
     crop_pct: float = typer.Option(None, "--crop-pct", help="(default: 0.875; 1.0 for Fashion-MNIST)."),
-    batch_size: int = typer.Option(64, "--batch-size", "-b"),
+    batch_size: int = typer.Option(None, "--batch-size", "-b", help="Images per batch, also the timed "
+                                   "batch (default: 64; 256 for the shipped models)."),
     workers: int = typer.Option(4, "--workers"),
     threads: int = typer.Option(None, "--threads"),
     device: str = typer.Option("auto", "--device"),
@@ -300,6 +314,7 @@ def eval_(
             and dataset in (None, "fashion-mnist"):
         try:
             result = E.evaluate_shipped(data, "test" if split == "val" else split, max_images,
+                                        batch_size=256 if batch_size is None else batch_size,
                                         device="cpu" if device == "auto" else device)
         except ValueError as e:
             typer.echo(f"error: {e}", err=True)
@@ -315,8 +330,8 @@ def eval_(
             methods=tuple(method) if method else ("none", "tome", "evit", "imagepiece"),
             model_kwargs=_key_values(model_arg, "--model-arg"), dataset=dataset, data_root=data,
             split=split, img_size=img_size, num_classes=num_classes, crop_pct=crop_pct,
-            batch_size=batch_size, workers=workers, device=device, amp=amp, data_length=data_length,
-            max_images=max_images)
+            batch_size=64 if batch_size is None else batch_size, workers=workers, device=device, amp=amp,
+            data_length=data_length, max_images=max_images)
         result = E.evaluate_plans(cfg)
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
@@ -433,7 +448,8 @@ def visualize(
     images: list[str] = typer.Argument(None, help="Image files (any format Pillow reads); default "
                                        "with no --model: four Fashion-MNIST test images."),
     model: str = typer.Option(None, "--model", "-m", help="timm ViT name (random weights unless "
-                              "--checkpoint); default: the ImagePiece model shipped with imagepiece."),
+                              "--checkpoint) or transformers model folder / cached hub id; default: "
+                              "the ImagePiece model shipped with imagepiece."),
     checkpoint: str = typer.Option(None, "--checkpoint", help="Weights (.safetensors, .pth, run dir); "
                                    "read safely (no pickled code)."),
     model_arg: list[str] = typer.Option(None, "--model-arg", help="Repeatable KEY=VALUE for "
@@ -496,9 +512,10 @@ app.add_typer(analyze_app, name="analyze")
 @analyze_app.callback()
 def _analyze_setup(
     ctx: typer.Context,
-    model: str = typer.Option("vit_tiny_patch16_224", "--model", "-m", help="timm ViT name, or "
-                              "shipped:NAME for a model shipped with imagepiece (e.g. shipped:baseline, "
-                              "trained on Fashion-MNIST: use --data fashion-mnist)."),
+    model: str = typer.Option("vit_tiny_patch16_224", "--model", "-m", help="timm ViT name, a "
+                              "transformers model folder / cached hub id, or shipped:NAME for a model "
+                              "shipped with imagepiece (e.g. shipped:baseline, trained on Fashion-MNIST: "
+                              "use --data fashion-mnist)."),
     checkpoint: str = typer.Option(None, "--checkpoint", help="Weights (.safetensors, .pth, run dir)."),
     model_arg: list[str] = typer.Option(None, "--model-arg", help="Repeatable KEY=VALUE for "
                                         "timm.create_model, e.g. img_size=32 --model-arg patch_size=4."),
@@ -694,7 +711,7 @@ def analyze_report(ctx: typer.Context) -> None:
 
 
 def main() -> None:
-    app()
+    app(prog_name="imagepiece")  # also under `python -m imagepiece`
 
 
 if __name__ == "__main__":

@@ -347,6 +347,9 @@ def evaluate_shipped(data_root: str | None = None, split: str = "test", max_imag
                      progress: Any = None) -> dict[str, Any]:
     """Accuracy of every model shipped in the package (each under its own plan) on Fashion-MNIST,
     then their images/s, interleaved in one process, as ratios to the shipped baseline."""
+    from .options import check_count
+
+    check_count(batch_size, "batch_size", 1)
     from .data import DEBIAN_FASHION_ROOT, PACKAGED_FASHION_ROOT, build_dataset, default_fashion_root
     from .measure import count_gmacs, time_interleaved
     from .zoo import load_shipped, shared_img_size, shipped_models
@@ -402,4 +405,5 @@ def render_shipped(result: dict[str, Any], console: Any = None) -> None:
         console.print(f"  {r['model']}: {r['method']}", soft_wrap=True)
     console.print(f"{result['device']}, {result['threads']} threads, batch {result['batch']}; images/s "
                   "interleaved in this run (ratios count, absolute numbers depend on the machine). "
-                  "card: top-1 measured on the full test split by studies/fashion_mnist.py.")
+                  "card: top-1 on the full test split recorded in the model card shipped with "
+                  "imagepiece (imagepiece/assets/models/models.json).")

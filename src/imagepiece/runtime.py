@@ -34,6 +34,7 @@ __all__ = [
     "split_spec",
     "swap_class",
     "ReducedModule",
+    "Trace",
     "cut_blocks",
     "GridTap",
     "RunOutput",
@@ -71,6 +72,31 @@ class BlockTrace:
     fused: bool = False  # the last output token is EViT's fused token
 
 
+class Trace(list):
+    """``model.imagepiece.trace``: one :class:`BlockTrace` per block of the last forward pass.
+
+    A list whose ``repr`` is a short table (operation, tokens in and out, range of token sizes
+    per block) instead of every tensor; :meth:`full` or ``trace[i]`` give the tensors.
+    """
+
+    def full(self) -> str:
+        """Every field of every block, tensors included (long)."""
+        return "\n".join(repr(rec) for rec in self)
+
+    def __repr__(self) -> str:
+        if not self:
+            return "Trace(empty: no forward pass recorded yet)"
+        lines = [f"Trace of {len(self)} blocks (tokens include prefix tokens; sizes = patches per "
+                 "token; .full() for the tensors)", "block  op          tokens     sizes"]
+        for rec in self:
+            size = rec.size
+            sizes = "1" if size is None else f"{int(size.min())}-{int(size.max())}"
+            fused = " (fused token)" if rec.fused else ""
+            lines.append(f"{rec.block:5d}  {rec.kind:<10}  {rec.tokens_in:>4}->{rec.tokens_out:<4}"
+                         f" {sizes}{fused}")
+        return "\n".join(lines)
+
+
 class Controller:
     """``model.imagepiece``: the plan of a patched model, its resolved steps and the trace.
 
@@ -87,7 +113,7 @@ class Controller:
         self.family = family
         self.trace_sources = False
         self.trace_scores = False
-        self.trace: list[BlockTrace] = []
+        self.trace = Trace()
         self._cache: dict[int, tuple[Step, ...]] = {}
         #: (preset, knobs) when the plan was made from a preset name or spec, else None
         self.preset: tuple[str, dict[str, Any]] | None = None
@@ -520,7 +546,7 @@ def run_blocks(layout: Layout, blocks: Sequence[nn.Module], x: torch.Tensor, gri
         # Paid only when grid features are asked for: one (B, patches) index map.
         owner = torch.arange(P, x.shape[1], device=x.device).expand(B, -1)
         st = replace(st, owner=owner, pruned=taps.pruned)
-    trace: list[BlockTrace] = []
+    trace = Trace()
     tapped: list[GridTap] = []
     extent = float(max(grid))
     for i, (blk, step) in enumerate(zip(blocks, steps, strict=True)):

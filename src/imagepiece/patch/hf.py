@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import versions
 from ..plan import ReductionPlan, make_plan
 from ..runtime import (
     Controller,
@@ -32,12 +33,17 @@ from ..runtime import (
     swap_class,
 )
 
-MIN_VERSION = "5.18"
+MIN_VERSION = versions.SUPPORTED["transformers"][0]
 INSTALL_HINT = (f'transformers models need the "hf" extra: pip install "imagepiece[hf]" '
-                f"(transformers>={MIN_VERSION})")
+                f"({versions.supported_range('transformers')})")
 
 try:
     import transformers
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError(INSTALL_HINT) from e
+# Before the imports below, which an older transformers may lack: name the versions, not a symbol.
+versions.check("transformers", transformers.__version__)
+try:
     from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
     from transformers.utils.generic import can_return_tuple
 except ImportError as e:  # pragma: no cover - exercised only without the extra
@@ -46,7 +52,8 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 __all__ = ["ReducedOutput", "SUPPORTED", "describe", "limit_forward", "load_pretrained", "patch"]
 
 SUPPORTED = (
-    f"transformers (>= {MIN_VERSION}) ViTModel, ViTForImageClassification, DeiTModel, "
+    f"transformers (>= {MIN_VERSION}, < {versions.SUPPORTED['transformers'][1]}) ViTModel, "
+    "ViTForImageClassification, DeiTModel, "
     "DeiTForImageClassification, DeiTForImageClassificationWithTeacher, Dinov2Model, "
     "Dinov2ForImageClassification, Dinov2WithRegistersModel, "
     "Dinov2WithRegistersForImageClassification, CLIPVisionModel, CLIPVisionModelWithProjection"
@@ -275,7 +282,9 @@ _TOWER_CLASSES = {"ViTModel", "DeiTModel", "Dinov2Model", "Dinov2WithRegistersMo
 
 
 def _tower(model: nn.Module) -> tuple[nn.Module, _Tower]:
-    """The tower of a supported model, checked layer by layer; ``TypeError`` otherwise."""
+    """The tower of a supported model, checked layer by layer; ``TypeError`` otherwise
+    (``UnsupportedVersionError`` when the installed transformers is outside the supported range)."""
+    versions.check("transformers", transformers.__version__)
     cls = original_class(model)
     name = cls.__name__
     spec = _TOWERS.get(name)

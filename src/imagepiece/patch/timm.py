@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import versions
 from ..plan import ReductionPlan, make_plan
 from ..runtime import (
     BlockTrace,
@@ -84,7 +85,11 @@ def patch(model: nn.Module, plan: str | ReductionPlan | None = "imagepiece", **k
 
     ``plan`` is a preset name (``"tome"``, ``"evit"``, ``"imagepiece"``, ``"imagepiece+tome"``,
     ``"imagepiece-discard"``, ``"none"``) with its knobs, or a :class:`ReductionPlan`.
+    ``UnsupportedVersionError`` when the installed timm is outside the supported range.
     """
+    import timm
+
+    versions.check("timm", timm.__version__)
     _check_supported(model)
     depth = len(model.blocks)
     ctl = Controller(make_plan(plan, depth, **knobs), depth=depth, num_prefix=model.num_prefix_tokens,
