@@ -263,7 +263,7 @@ def test_partial_run_saved_with_the_results_continues_on_a_fresh_clone(tmp_path,
     kill = dict(E.train_values(study.ctx, base), stop_after_steps=steps_per_epoch + 2)
     T.train(T.resolve_config(None, kill), overwrite=True)
     assert study.save_partial() == [(BASELINE, 1)]
-    assert not os.path.exists(os.path.join(study.ctx.layout.partial(BASELINE), T.LOCK_FILE))
+    assert not os.path.exists(os.path.join(study.ctx.layout.partial(BASELINE), E.LOCK_FILE))
     shutil.rmtree(tmp_path / "runs")  # a fresh clone: the results only
     assert study.run(stages=["baseline"]) == "done"
     result = json.load(open(study.ctx.layout.run_result(BASELINE)))

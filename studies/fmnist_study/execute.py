@@ -23,6 +23,7 @@ from imagepiece.data import build_dataset
 from imagepiece.evaluate import evaluate_model, make_eval_loader
 from imagepiece.measure import count_gmacs
 from imagepiece.patch import use_method
+from imagepiece.train.run_folder import LOCK_FILE
 
 from .config import StudyConfig
 from .paired import correct_vector, pack, unpack
@@ -127,7 +128,7 @@ def save_partial(ctx: Context, run: str) -> int:
         return 0
     tmp = dst + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)  # our own leftover from an interrupted copy
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(T.LOCK_FILE))  # the lock is the live run's
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(LOCK_FILE))  # the lock is the live run's
     if epochs_done(tmp) != done:
         shutil.rmtree(tmp)
         raise RuntimeError(f"{src}: its checkpoint changed while being copied; stop the run and save again")
