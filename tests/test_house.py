@@ -14,7 +14,8 @@ ROOT = pathlib.Path(__file__).parents[1]
 SRC = ROOT / "src" / "imagepiece"
 
 #: Layers, bottom up; a module may import its own layer and those below (tools: the rest).
-LAYERS = {"ops": 0, "plan": 1, "runtime": 2, "patch": 3, "measure": 4, "cli": 6}
+#: ``versions`` (the supported-version table) imports nothing of ours; ``__main__`` runs the CLI.
+LAYERS = {"versions": 0, "ops": 0, "plan": 1, "runtime": 2, "patch": 3, "measure": 4, "cli": 6, "__main__": 7}
 TOOL = 5
 
 

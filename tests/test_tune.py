@@ -170,8 +170,9 @@ def test_timm_preprocessing_comes_from_pretrained_cfg_at_the_models_size():
     prep = resolve_preprocessing(small_vit())  # an augreg ViT: mean and std 0.5
     assert prep.mean == (0.5, 0.5, 0.5) and prep.std == (0.5, 0.5, 0.5) and prep.img_size == 32
     assert prep.crop_pct == 0.9 and prep.interpolation == "bicubic" and "pretrained_cfg" in prep.source
-    deit = resolve_preprocessing(tiny_vit(name="deit_tiny_patch16_224", img_size=32, patch_size=4, depth=2))
-    assert deit.mean == IMAGENET["mean"] and deit.crop_pct == 0.875
+    deit_model = tiny_vit(name="deit_tiny_patch16_224", img_size=32, patch_size=4, depth=2)
+    deit = resolve_preprocessing(deit_model)  # DeiT: ImageNet's mean, its own crop (0.9 in timm 1.0.31)
+    assert deit.mean == IMAGENET["mean"] and deit.crop_pct == deit_model.pretrained_cfg["crop_pct"]
     forced = resolve_preprocessing(small_vit(), crop_pct=1.0, mean=[0.1], interpolation="bilinear")
     assert forced.mean == (0.1, 0.1, 0.1) and forced.crop_pct == 1.0 and "overridden" in forced.source
     for bad in (dict(std=[0, 1, 1]), dict(mean=[1, 2]), dict(crop_pct=1.5), dict(interpolation="cubic"),
@@ -263,7 +264,7 @@ def _run(args):
 @pytest.mark.parametrize("args, message", [
     (["--model", "no_such_model"], "unknown model"),
     (["--model", "shipped:nope"], "unknown shipped model"),
-    (["--device", "tpu"], "unknown device"),
+    (["--device", "tpu"], "device='tpu'; allowed"),
     (["--dtype", "fp8"], "unknown dtype"),
     (["--backend", "tensorrt"], "unknown backend"),
     (["--dataset", "cifar"], "dataset='cifar' is not allowed"),

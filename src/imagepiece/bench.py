@@ -55,10 +55,12 @@ from .bench_report import NOISY_IQR, output_problem, render, write_csv, write_js
 from .distributed import DeviceError, resolve_device
 from .measure import (
     BACKENDS,
+    DTYPES,
     MODES,
     BusyMonitor,
     LimitViT,
     build,
+    check_dtype,
     count_gmacs,
     inference_context,
     machine_info,
@@ -95,9 +97,6 @@ HYPER_SPEED = ("tome-hyper", "evit-hyper", "imagepiece-hyper")
 #: The unmodified model, ToMe r=13, EViT keep 0.7, ImagePiece keep 0.7 and the hyper presets.
 DEFAULT_METHODS = ("none", "tome", "evit", "imagepiece", *HYPER_SPEED)
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16",
-                  "bfloat16": "bf16"}
 
 
 class BenchError(ValueError):
@@ -281,11 +280,10 @@ def _check_device(device: str) -> str:
 
 
 def _check_dtype(dtype: str) -> str:
-    d = str(dtype).strip().lower()
-    d = _DTYPE_ALIASES.get(d, d)
-    if d not in DTYPES:
-        raise BenchError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
-    return d
+    try:
+        return check_dtype(dtype)
+    except ValueError as e:
+        raise BenchError(str(e)) from None
 
 
 def _create_model(config: BenchConfig) -> tuple[nn.Module, str]:

@@ -30,10 +30,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-# bench's request checks (device, dtype, output paths), shared so tune refuses what bench refuses
-from .bench import DTYPES, _check_device, _check_dtype, check_outputs
+# bench's output-path check, shared so tune refuses the paths bench refuses
+from .bench import check_outputs
+from .distributed import check_device
 from .evaluate import evaluate_model
-from .measure import BACKENDS, build, count_gmacs, time_interleaved
+from .measure import BACKENDS, DTYPES, build, check_dtype, count_gmacs, time_interleaved
 from .patch import describe, patch, unpatch
 from .plan import format_method, parse_method, preset_knobs
 
@@ -260,8 +261,8 @@ def check_options(opts: TuneOptions, target_speedup: float | None = None,
     """Every option in its range, before any work; :class:`TuneError` naming the bad value."""
     try:
         if opts.device != "mps":
-            _check_device(opts.device)
-        dtype = _check_dtype(opts.dtype)
+            check_device(opts.device)
+        dtype = check_dtype(opts.dtype)
     except ValueError as e:
         raise TuneError(str(e)) from None
     if opts.device == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
@@ -328,7 +329,7 @@ def _speeds(models: dict[str, nn.Module], x: torch.Tensor, opts: TuneOptions, ru
             step: Callable[[str], None]) -> tuple[dict[str, float], dict[str, str]]:
     """Median images/s of each model on ``x`` (every model once per round, in a new random order
     each round), and why a model could not run under the backend."""
-    dt = DTYPES[_check_dtype(opts.dtype)]
+    dt = DTYPES[check_dtype(opts.dtype)]
 
     def autocast():
         return torch.autocast(x.device.type, dtype=dt, enabled=dt != torch.float32)

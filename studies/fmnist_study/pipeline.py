@@ -152,8 +152,13 @@ class Study:
                 out += self._eval_steps([r for r in rows if r.run == run.name and r.stage == stage], by_name,
                                         keys, seen)
             out += self._eval_steps([r for r in rows if r.stage == stage], by_name, keys, seen)
-            if stage == "speed":
-                out.append(self._speed_step(timed_rows(rows, self.cfg.seeds[0]), by_name, keys))
+            if stage == "speed":  # the from-scratch arms are timed apart, once they are all trained
+                timed = timed_rows(rows, self.cfg.seeds[0])
+                scratch = [r for r in timed if r.kind == "from-scratch"]
+                out.append(self._speed_step("speed", [r for r in timed if r not in scratch], by_name, keys))
+                if scratch:
+                    base = [r for r in timed if r.name == "scratch/baseline"]
+                    out.append(self._speed_step("speed:scratch", base + scratch, by_name, keys))
             if stage == "analyses":
                 out += [self._analysis_step(n, {r.name: r for r in rows}, by_name, keys) for n in ANALYSES]
         return out
@@ -186,15 +191,15 @@ class Study:
             out.append(step)
         return out
 
-    def _speed_step(self, rows: list[Row], runs: dict[str, Run], keys: dict[str, str]) -> Step:
+    def _speed_step(self, name: str, rows: list[Row], runs: dict[str, Run], keys: dict[str, str]) -> Step:
         cfg = self.cfg
         key = key_of({"rows": [(r.name, keys[r.run], r.spec) for r in rows],
                       "bench": [cfg.bench_batch, cfg.bench_warmup, cfg.bench_runs, cfg.threads]})
         needs = tuple((self.ctx.layout.run_result(r.run), keys[r.run]) for r in rows)
         mm = sum(self.mmacs(runs[r.run], r.spec) for r in rows) / max(len(rows), 1)
-        return Step("speed", "speed", self.ctx.layout.file("speed.json"), key,
+        return Step(name, "speed", self.ctx.layout.file(f"{name.replace(':', '_')}.json"), key,
                     f"{len(rows)} variants interleaved, {cfg.bench_runs} rounds of batch {cfg.bench_batch}",
-                    lambda fresh: measure_speed(self.ctx, runs, rows, key), ("speed",), needs, None, mm,
+                    lambda fresh: measure_speed(self.ctx, runs, rows, key), (name,), needs, None, mm,
                     len(rows) * cfg.bench_batch * (cfg.bench_warmup + cfg.bench_runs))
 
     def _analysis_step(self, name: str, rows: dict[str, Row], runs: dict[str, Run], keys: dict[str, str]
@@ -312,8 +317,12 @@ def load_payloads(study: Study) -> tuple[dict[str, Any], dict[str, Any] | None, 
     by_name = {r.name: r for r in runs}
     evals = {r.name: dict(ev, command=E.eval_command(study.ctx, by_name[r.run], r.spec))
              for r, ev in study._evals(runs, rows).items()}
-    steps = {s.name: s for s in study.steps() if s.name == "speed" or s.name.startswith("analysis:")}
+    steps = {s.name: s for s in study.steps() if s.name.startswith(("speed", "analysis:"))}
     speed = cached(steps["speed"].path, steps["speed"].key)
+    step = steps.get("speed:scratch")
+    scratch = cached(step.path, step.key) if step else None
+    if speed and scratch:  # the from-scratch arms' speed-ups, timed in their own run
+        speed = dict(speed, variants={**scratch["variants"], **speed["variants"]})
     analyses = {n: cached(steps[f"analysis:{n}"].path, steps[f"analysis:{n}"].key) for n in ANALYSES}
     return evals, speed, {k: v for k, v in analyses.items() if v}
 

@@ -9,7 +9,7 @@ import from here. Submodules: :mod:`.timing`, :mod:`.gmacs`, :mod:`.limit`, :mod
 :mod:`.backends`.
 """
 
-from .backends import BACKENDS, MODES, build, inference_context, train_step
+from .backends import BACKENDS, DTYPES, MODES, build, check_dtype, inference_context, train_step
 from .busy import BusyMonitor, BusyReport
 from .gmacs import count_gmacs
 from .limit import LimitViT
@@ -17,11 +17,13 @@ from .timing import machine_info, peak_memory, quantiles, steady_allocator, time
 
 __all__ = [
     "BACKENDS",
+    "DTYPES",
     "MODES",
     "BusyMonitor",
     "BusyReport",
     "LimitViT",
     "build",
+    "check_dtype",
     "count_gmacs",
     "inference_context",
     "machine_info",

@@ -23,6 +23,20 @@ import torch.nn.functional as F
 __all__ = ["BACKENDS", "MODES", "build", "inference_context", "train_step"]
 
 BACKENDS = ("eager", "compile", "onnxruntime")
+
+#: The dtypes a variant can be timed in (autocast), by the names every tool accepts.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16",
+                  "bfloat16": "bf16"}
+
+
+def check_dtype(dtype: str) -> str:
+    """The canonical name of ``dtype`` (``ValueError`` naming the allowed ones otherwise)."""
+    d = str(dtype).strip().lower()
+    d = _DTYPE_ALIASES.get(d, d)
+    if d not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+    return d
 MODES = ("inference", "train")
 
 #: Learning rate of the timed AdamW steps: small, so that random-label steps keep the weights
