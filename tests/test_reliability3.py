@@ -381,3 +381,37 @@ def test_corrupt_image_under_strict_data_leaves_no_run_folder(tmp_path):
     res = invoke(args)
     assert_one_line_error(res, "2.png")
     assert not os.path.exists(tmp_path / "out" / "strict")
+
+
+# -- item 4: a split is the folder the header names -------------------------------------------
+
+def _class_tree(root, splits):
+    for split in splits:
+        for c in ("a", "b"):
+            folder = root / split / c if split else root / c
+            folder.mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (32, 32), (60 * i, 30, 0)).save(folder / f"{i}.png")
+    return root
+
+
+def test_train_refuses_training_and_validating_on_one_folder(tmp_path):
+    data = _class_tree(tmp_path / "data", [None])  # a class tree, no train/ or val/
+    args = train_args(tmp_path / "out", "same", "-b", "2")
+    args[args.index("synthetic")] = "imagefolder"
+    res = invoke(args + ["--data", data, "--set", "mixup=0", "--set", "cutmix=0"])
+    assert_one_line_error(res, "train and val would both read")
+    assert not os.path.exists(tmp_path / "out" / "same")
+
+
+def test_eval_split_is_the_folder_it_names(tmp_path):
+    data = _class_tree(tmp_path / "data", ["train", "val"])
+    common = ["eval", *ARCH, "--img-size", "32", "--num-classes", "2", "--method", "none", "--workers", "0",
+              "--dataset", "imagefolder"]
+    res = invoke([*common, "--data", data, "--split", "test"])
+    assert_one_line_error(res, "no 'test' split")  # not val/ under the name "test"
+    out = tmp_path / "r.json"
+    res = invoke([*common, "--data", data / "train", "--split", "val", "--json", out])
+    assert res.exit_code == 0, res.output
+    assert json.loads(out.read_text())["folder"] == str(data / "train")  # says which images it read
+    assert f"(folder{data / 'train'})" in "".join(res.output.split())  # rich wraps the title

@@ -377,17 +377,24 @@ class SyntheticDataset(Dataset):
 # --------------------------------------------------------------------------------------
 
 
-def _split_dir(root: str, split: str) -> str:
-    """``root/train`` or ``root/val``; ``test`` falls back to ``val`` (ImageNet has no test labels)."""
-    names = {"train": ("train",), "val": ("val", "validation"), "test": ("test", "val", "validation")}
-    for name in names[split]:
+SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "validation"), "test": ("test",)}
+
+
+def split_dir(root: str, split: str) -> str:
+    """The folder that holds ``split`` under ``root``: ``root/train``, ``root/val`` (or
+    ``validation``), ``root/test``. A ``root`` with no split folders is itself a class tree and
+    serves any one split (the caller says which folder it used); a missing split is an error,
+    never another split under its name (ImageNet's test images have no labels: use ``val``)."""
+    for name in SPLIT_FOLDERS[split]:
         path = os.path.join(root, name)
         if os.path.isdir(path):
             return path
-    # root itself is a class tree (a user pointing straight at the split folder)
-    if os.path.isdir(root) and not any(os.path.isdir(os.path.join(root, n)) for n in ("train", "val")):
+    names = [n for ns in SPLIT_FOLDERS.values() for n in ns]
+    if os.path.isdir(root) and not any(os.path.isdir(os.path.join(root, n)) for n in names):
         return root
-    raise DataError(f"no {split!r} split in {root!r}: expected a sub-folder {' or '.join(names[split])}")
+    raise DataError(f"no {split!r} split in {root!r}: expected a sub-folder "
+                    f"{' or '.join(SPLIT_FOLDERS[split])}" + ("; ImageNet-style data has no labelled test "
+                                                             "split, use --split val" if split == "test" else ""))
 
 
 def build_dataset(kind: str, root: str | None = None, split: str = "train", img_size: int = 224,
@@ -417,7 +424,7 @@ def build_dataset(kind: str, root: str | None = None, split: str = "train", img_
         return SyntheticDataset(length, num_classes, img_size, seed, tf, offset=offset)
     if not root:
         raise DataError("dataset kind 'imagefolder' needs a root folder (with train/ and val/)")
-    return ImageFolderDataset(_split_dir(os.fspath(root), split), tf, class_to_idx, strict)
+    return ImageFolderDataset(split_dir(os.fspath(root), split), tf, class_to_idx, strict)
 
 
 def num_classes_of(ds: Dataset) -> int:

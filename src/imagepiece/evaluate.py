@@ -222,6 +222,7 @@ def evaluate_plans(cfg: EvalConfig, progress: Any = None) -> dict[str, Any]:
         row["images_per_s"] = speeds.get(row["method"], float("nan"))
         row["speedup"] = row["images_per_s"] / base_speed if base_speed else None
     return {"model": model_name, "weights": weights, "dataset": dataset, "split": cfg.split,
+            "folder": getattr(getattr(ds, "dataset", ds), "root", None),
             "images": rows[0]["images"], "img_size": img_size, "device": str(info.device),
             "world_size": info.world_size, "rank": info.rank, "config": asdict(cfg), "results": rows}
 
@@ -320,7 +321,8 @@ def render(result: dict[str, Any], console: Any = None) -> None:
     from rich.table import Table
 
     console = console or Console()
-    table = Table(title=f"{result['model']} on {result['dataset']}/{result['split']} "
+    where = f" (folder {result['folder']})" if result.get("folder") else ""
+    table = Table(title=f"{result['model']} on {result['dataset']}/{result['split']}{where} "
                         f"({result['images']} images, {result['img_size']} px, weights: {result['weights']})")
     for name in ("method", "top-1", "top-5", "loss", "images/s", "speed-up"):
         table.add_column(name, justify="left" if name == "method" else "right")

@@ -109,6 +109,10 @@ def _build_data(cfg: TrainConfig) -> tuple[Any, Any]:
                           f"(e.g. rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, or null): {e!r}") from None
     class_to_idx = getattr(train_ds, "class_to_idx", None)
     val_ds = build_dataset(split=cfg.val_split, train_transform=False, class_to_idx=class_to_idx, **common)
+    folders = [getattr(ds, "root", None) for ds in (train_ds, val_ds)]
+    if cfg.dataset == "imagefolder" and folders[0] == folders[1]:
+        raise ConfigError(f"train and val would both read {folders[0]!r}: give --data a folder with "
+                          "train/ and val/ sub-folders, so that validation never sees training images")
     return train_ds, val_ds
 
 
