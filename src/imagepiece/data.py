@@ -392,9 +392,9 @@ def split_dir(root: str, split: str) -> str:
     names = [n for ns in SPLIT_FOLDERS.values() for n in ns]
     if os.path.isdir(root) and not any(os.path.isdir(os.path.join(root, n)) for n in names):
         return root
+    hint = "; ImageNet-style data has no labelled test split, use --split val" if split == "test" else ""
     raise DataError(f"no {split!r} split in {root!r}: expected a sub-folder "
-                    f"{' or '.join(SPLIT_FOLDERS[split])}" + ("; ImageNet-style data has no labelled test "
-                                                             "split, use --split val" if split == "test" else ""))
+                    f"{' or '.join(SPLIT_FOLDERS[split])}{hint}")
 
 
 def build_dataset(kind: str, root: str | None = None, split: str = "train", img_size: int = 224,
