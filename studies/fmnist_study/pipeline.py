@@ -65,10 +65,13 @@ class Study:
         key = key_of({"cfg": [self.cfg.model_kwargs, self.cfg.img_size, self.cfg.targets,
                               self.cfg.points_per_method, self.cfg.hyper], "ip": ip_knobs,
                       "search": POINTS_VERSION})
+        return self._cached_points(key, "", ip_knobs, choose_points)
+
+    def _cached_points(self, key: str, prefix: str, ip_knobs: dict[str, Any], choose) -> list[Point]:
         if key not in self._points:
-            path = self.ctx.layout.file(f"points/{key}.json")
+            path = self.ctx.layout.file(f"points/{prefix}{key}.json")
             found = cached(path, key)
-            pts = [Point(**p) for p in found["points"]] if found else choose_points(self.cfg, ip_knobs)
+            pts = [Point(**p) for p in found["points"]] if found else choose(self.cfg, ip_knobs)
             if not found:
                 write_json(path, {"key": key, "ip_knobs": ip_knobs, "points": [p.as_dict() for p in pts]})
             self._points[key] = pts
@@ -84,14 +87,7 @@ class Study:
         """The from-scratch arms' operating points on the stem model (cached like ``points``)."""
         key = key_of({"cfg": [self.cfg.model_kwargs, self.cfg.img_size, self.cfg.hyper], "ip": ip_knobs,
                       "search": POINTS_VERSION, "model": "stem"})
-        if key not in self._points:
-            path = self.ctx.layout.file(f"points/stem-{key}.json")
-            found = cached(path, key)
-            pts = [Point(**p) for p in found["points"]] if found else choose_stem_points(self.cfg, ip_knobs)
-            if not found:
-                write_json(path, {"key": key, "ip_knobs": ip_knobs, "points": [p.as_dict() for p in pts]})
-            self._points[key] = pts
-        return self._points[key]
+        return self._cached_points(key, "stem-", ip_knobs, choose_stem_points)
 
     def retuning(self, points: list[Point], knobs: dict[str, Any]) -> dict[str, Any]:
         val = {r.name: ev["val_top1"] for r, ev in self._evals(*build(self.cfg, points, knobs)).items()

@@ -143,16 +143,21 @@ def _pick(method: str, want: float | str, table: dict[str, float], evit07: float
     return f"x{target:g}", spec, target
 
 
+def _tables(model: torch.nn.Module, cfg: StudyConfig, ip_knobs: dict[str, Any]):
+    """Per method: (method, GMACs by spec, GMAC reduction by spec, EViT keep 0.7's reduction)."""
+    base = gmacs_of(model, ["none"], cfg.img_size)["none"]
+    evit07 = base / gmacs_of(model, ["evit:keep_rate=0.7"], cfg.img_size)["evit:keep_rate=0.7"]
+    for method in METHODS:
+        gm = gmacs_of(model, candidates(method, cfg, ip_knobs), cfg.img_size)
+        yield method, gm, {s: base / g for s, g in gm.items()}, evit07
+
+
 def choose_points(cfg: StudyConfig, ip_knobs: dict[str, Any]) -> list[Point]:
     """Every method's operating points (see the module docstring), in target order."""
     with one_thread():
         model = plain_model(cfg)
-    base = gmacs_of(model, ["none"], cfg.img_size)["none"]
-    evit07 = base / gmacs_of(model, ["evit:keep_rate=0.7"], cfg.img_size)["evit:keep_rate=0.7"]
     points: list[Point] = []
-    for method in METHODS:
-        gm = gmacs_of(model, candidates(method, cfg, ip_knobs), cfg.img_size)
-        table = {s: base / g for s, g in gm.items()}
+    for method, gm, table, evit07 in _tables(model, cfg, ip_knobs):
         mine: list[Point] = []
         for want in cfg.targets:
             picked = _pick(method, want, table, evit07, cfg, ip_knobs)
@@ -175,12 +180,8 @@ def choose_stem_points(cfg: StudyConfig, ip_knobs: dict[str, Any]) -> list[Point
     the stem baseline (within 3%; a method that cannot get there gets no hyper point)."""
     with one_thread():
         model = stem_model(cfg)
-    base = gmacs_of(model, ["none"], cfg.img_size)["none"]
-    evit07 = base / gmacs_of(model, ["evit:keep_rate=0.7"], cfg.img_size)["evit:keep_rate=0.7"]
     points: list[Point] = []
-    for method in METHODS:
-        gm = gmacs_of(model, candidates(method, cfg, ip_knobs), cfg.img_size)
-        table = {s: base / g for s, g in gm.items()}
+    for method, gm, table, evit07 in _tables(model, cfg, ip_knobs):
         label, spec, target = _pick(method, "k07", table, evit07, cfg, ip_knobs)
         points.append(Point(method, label, spec, round(target, 4), round(table[spec], 4), gm[spec], True))
         spec, reached = _closest(table, cfg.hyper)
