@@ -63,7 +63,7 @@ def test_plans_side_by_side_on_the_same_weights(run_dir):
     rows = {r["method"]: r for r in result["results"]}
     assert result["model"] == "vit_tiny_patch16_224" and result["images"] == 40
     assert list(rows) == list(cfg.methods)
-    # keep rate 1 is the unmodified model (SPEC §4)
+    # keep rate 1 is the unmodified model (docs/methods.md, EViT)
     assert rows["evit:keep_rate=1.0"]["top1"] == rows["none"]["top1"]
     assert rows["evit:keep_rate=1.0"]["loss"] == pytest.approx(rows["none"]["loss"], rel=1e-5)
     assert rows["none"]["speedup"] == 1.0

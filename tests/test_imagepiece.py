@@ -1,4 +1,4 @@
-"""What ImagePiece means (SPEC §5), pinned so that a wrong implementation fails.
+"""What ImagePiece means (docs/methods.md), pinned so that a wrong implementation fails.
 
 Each test names, in its docstring, the deliberate mutation it was checked against
 (``python tests/mutants.py`` re-runs those checks).
@@ -104,7 +104,7 @@ def _ref_prune(toks, scores, raw, k, fused_bias):
 
 def ref_imagepiece_forward(model, x, keep_rate=0.7, locality=0.1, pairs_only=False, size_norm=False,
                            fused_bias=True, retokenize_blocks=None):
-    """ImagePiece + EViT per SPEC §5 on a class-token ViT: re-tokenize in the block before each
+    """ImagePiece + EViT per docs/methods.md on a class-token ViT: re-tokenize in the block before each
     prune block (bottom m = what the prune drops, A/B alternate in sequence order, many-to-one
     or greedy one-to-one matching on cosine − locality·distance/extent), then EViT keeps
     ceil(keep_rate · n_before_retokenization) tokens and fuses the rest with raw weights. With

@@ -103,12 +103,12 @@ def test_full_size_deit_models_and_golden_trace():
 
 
 # ---------------------------------------------------------------------------------------
-# Exactness against straightforward reference implementations written from the SPEC
+# Exactness against straightforward reference implementations written from docs/methods.md
 # ---------------------------------------------------------------------------------------
 
 
 def _ref_attention(blk, x, size=None):
-    """Unfused attention with the whole N x N map, per SPEC (log-size bias on keys)."""
+    """Unfused attention with the whole N x N map (log-size bias on keys, docs/methods.md)."""
     attn = blk.attn
     B, N, C = x.shape
     qkv = attn.qkv(blk.norm1(x)).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
@@ -123,7 +123,7 @@ def _ref_attention(blk, x, size=None):
 
 
 def _ref_tome_forward(model, x, r, prop_attn=True):
-    """ToMe per SPEC §3, one image at a time with Python lists."""
+    """ToMe per docs/methods.md, ToMe, one image at a time with Python lists."""
     dist = getattr(model, "dist_token", None) is not None
     x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
     outs = []
@@ -168,7 +168,7 @@ def _ref_tome_forward(model, x, r, prop_attn=True):
 
 
 def _ref_evit_forward(model, x, keep_rate, blocks, fuse=True):
-    """EViT per SPEC §4 with torch.topk and the full attention map."""
+    """EViT per docs/methods.md, EViT with torch.topk and the full attention map."""
     x = model.norm_pre(model._pos_embed(model.patch_embed(x)))
     for i, blk in enumerate(model.blocks):
         x, a, _ = _ref_attention(blk, x)

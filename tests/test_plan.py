@@ -11,7 +11,7 @@ def patch_counts(plan, num_tokens=197, prefix=1, depth=12):
     return [s.tokens_out for s in plan.resolve(depth, num_tokens, prefix)]
 
 
-# SPEC §3 golden values: final token count (timm ViT/DeiT, 224 px, 12 blocks).
+# docs/methods.md, ToMe golden values: final token count (timm ViT/DeiT, 224 px, 12 blocks).
 @pytest.mark.parametrize("r, final", [(8, 101), ((8, -1.0), 106), ((8, -1), 106), ([16] * 4, 133),
                                       (13, 41)])
 def test_tome_golden_counts(r, final):
@@ -39,7 +39,7 @@ def test_tome_schedule_shapes():
     assert tome_schedule((8, 1.0), 12)[0] == 0 and tome_schedule((8, 1.0), 12)[-1] == 16
 
 
-# SPEC §4 golden values: non-class tokens per block, DeiT-S 224, keep 0.7 at 3, 6, 9.
+# docs/methods.md, EViT golden values: non-class tokens per block, DeiT-S 224, keep 0.7 at 3, 6, 9.
 def test_evit_golden_counts():
     no_fuse = [c - 1 for c in patch_counts(make_plan("evit", keep_rate=0.7, fuse=False))]
     fused = [c - 1 for c in patch_counts(make_plan("evit", keep_rate=0.7))]
@@ -53,7 +53,7 @@ EVIT_07_FUSED = [196, 196, 196, 139, 139, 139, 99, 99, 99, 71, 71, 71]
 
 def test_imagepiece_default_counts():
     """The default budget: the keep rate counts the tokens that entered the re-tokenization
-    block, so every prune block leaves EViT's golden counts (SPEC §4/§5)."""
+    block, so every prune block leaves EViT's golden counts (docs/methods.md)."""
     steps = make_plan("imagepiece").resolve(12, 197, 1)
     kinds = [s.kind for s in steps]
     assert kinds[2] == kinds[5] == kinds[8] == "retokenize"

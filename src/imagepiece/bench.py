@@ -1,4 +1,4 @@
-"""Speed benchmark that users can trust (SPEC §7).
+"""Speed benchmark that users can trust (docs/methods.md, Measurement protocol).
 
 Every variant (the unmodified model, each reduction plan and each plan's *limit*) is measured in
 one process, interleaved round-robin: every round runs every variant once on the same input

@@ -1,7 +1,7 @@
 """ImagePiece's local coherence bias: overlapping convolutions that feed the patch embedding.
 
 Neighbouring patches that see overlapping pixels get similar embeddings, so non-semantic
-pieces of one object group naturally when ImagePiece merges them (SPEC §5; the paper reports
+pieces of one object group naturally when ImagePiece merges them (docs/methods.md; the paper reports
 first-layer merged-pair similarity rising from 0.53 to 0.81 with it).
 
 Two modes:

@@ -307,7 +307,7 @@ def tome_schedule(r: RSchedule, depth: int) -> list[int]:
     """
     if isinstance(r, tuple) and len(r) == 2:
         # A 2-tuple is always (r, inflection), whatever the inflection's number type: an int
-        # inflection (SPEC's "(8, -1)") must not be read as a two-block list.
+        # inflection ("(8, -1)") must not be read as a two-block list.
         base, inflect = r
         _check_int("r", base)
         if isinstance(inflect, bool) or not isinstance(inflect, (int, float)) or not -1 <= inflect <= 1:

@@ -106,7 +106,7 @@ def accuracy_claims(S: dict[str, Any]) -> list[dict[str, str]]:
 
 
 def scratch_claims(S: dict[str, Any]) -> list[dict[str, str]]:
-    """The paper's protocol: every arm trained from scratch with the coherence stem (SPEC §7)."""
+    """The paper's protocol: every arm trained from scratch with the coherence stem (docs/methods.md)."""
     t = S["table"]
 
     def arm(group: str, point: str) -> dict | None:

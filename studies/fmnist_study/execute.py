@@ -65,7 +65,7 @@ def train_values(ctx: Context, run: Run) -> dict[str, Any]:
     if run.scratch:  # the stem run keeps EViT's scaled warm-up (10 and 100 of 300 epochs)
         epochs = cfg.stem_epochs if run.coherence == "stem" or run.stage == "scratch" else cfg.base_epochs
         values.update(epochs=epochs, lr=cfg.base_lr, warmup_epochs=cfg.warmup_epochs)
-    else:  # keep rate 1 -> target over the first third (EViT's 100 of 300 epochs), SPEC §4.4
+    else:  # keep rate 1 -> target over the first third (EViT's 100 of 300 epochs), docs/methods.md
         values.update(finetune=ctx.layout.weights(BASELINE), epochs=cfg.ft_epochs, lr=cfg.ft_lr,
                       warmup_epochs=0, shrink_start=0, shrink_epochs=round(cfg.ft_epochs / 3, 4))
     return values

@@ -1,6 +1,6 @@
 """Speed of every row, interleaved in one process, and the paper's analyses (Tables 4-7).
 
-Speed follows SPEC §7: inference mode, one random batch, every variant timed once per round in a
+Speed follows docs/methods.md: inference mode, one random batch, every variant timed once per round in a
 new random order (``imagepiece.measure.time_interleaved``) after warm-up rounds, glibc's allocator
 kept steady, medians and per-round ratios to the baseline; the busy-machine monitor of
 ``imagepiece bench`` (``imagepiece.measure.BusyMonitor``) watches the rounds and its report is

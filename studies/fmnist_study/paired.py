@@ -15,7 +15,7 @@ and two sources of noise are added:
   share one set of weights: no seed term.
 
 The interval is ``d +- 1.96 * sqrt(se_images^2 + se_seeds^2)``; a verdict "agrees" needs it to
-exclude zero (SPEC's protocol, docs/study.md).
+exclude zero (docs/study.md).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Numbers of the study: seed statistics, accuracy-vs-compute curves and the matched-compute table.
 
-Methods are compared at matched compute (SPEC §7): each method's test top-1 is interpolated
+Methods are compared at matched compute (docs/methods.md): each method's test top-1 is interpolated
 piecewise-linearly on its own accuracy-vs-GMACs curve (its operating points; the seed mean where
 there are several seeds) at the GMACs of the baseline divided by 1.5 and 2.5, and likewise on
 the accuracy-vs-measured-speed-up curve. Nothing is extrapolated: a target outside a curve's

@@ -1,4 +1,4 @@
-"""The *limit* of a plan (SPEC §7): the same blocks, same weights, on sequences that are already
+"""The *limit* of a plan (docs/methods.md): the same blocks, same weights, on sequences that are already
 cut to the plan's token counts, with no selection work. No implementation of the plan can be
 faster, so ``speed-up / limit speed-up`` says how much the selection work costs."""
 

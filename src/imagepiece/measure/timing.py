@@ -1,4 +1,4 @@
-"""Timing (SPEC §7): interleaved rounds, CUDA peak memory, the steady allocator and the
+"""Timing (docs/methods.md): interleaved rounds, CUDA peak memory, the steady allocator and the
 machine record."""
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Defaults are DeiT's (RandAugment m9, Mixup 0.8 / CutMix 1.0, label smoothing 0.1, random
 erasing 0.25, AdamW lr 5e-4 x global batch / 512, weight decay 0.05, cosine with 5 warm-up
-epochs, drop path 0.1) and EViT's keep-rate warm-up (SPEC §4.4). Every default is a field of
+epochs, drop path 0.1) and EViT's keep-rate warm-up (docs/methods.md). Every default is a field of
 :class:`TrainConfig`, overridable from a YAML file and the command line; every value is type-
 and range-checked before any work, and the resolved config is saved in the run directory. A
 checkpoint is written after every epoch, and ``resume`` restores model, optimizer, scheduler,
