@@ -4,7 +4,6 @@ and the check of output paths that runs before any timing. Works on the result o
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -75,19 +74,16 @@ def write_json(result: Any, path: str) -> None:
 
 
 def write_csv(result: Any, path: str) -> None:
-    from .checkpoint import atomic_write
+    from .checkpoint import atomic_write_csv
 
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=_CSV_FIELDS)
-            w.writeheader()
-            for v in result.variants:
-                d = v.as_dict()
-                d["knobs"] = json.dumps(d["knobs"])
-                d["tokens_per_block"] = " ".join(f"{a}>{b}" for a, b in v.tokens)
-                w.writerow({k: ("" if d.get(k) is None else d.get(k)) for k in _CSV_FIELDS})
+    atomic_write_csv(path, _CSV_FIELDS, (_csv_row(v) for v in result.variants))
 
-    atomic_write(path, write)
+
+def _csv_row(v: Any) -> dict[str, Any]:
+    d = v.as_dict()
+    d["knobs"] = json.dumps(d["knobs"])
+    d["tokens_per_block"] = " ".join(f"{a}>{b}" for a, b in v.tokens)
+    return {k: ("" if d.get(k) is None else d.get(k)) for k in _CSV_FIELDS}
 
 
 def write_plot(result: Any, path: str) -> None:

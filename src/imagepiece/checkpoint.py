@@ -21,7 +21,7 @@ import pickle
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +84,19 @@ def atomic_write(path: str, write: Callable[[str], None], suffix: str = "") -> N
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_write_csv(path: str, fields: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> None:
+    """A CSV of ``rows`` (one column per name in ``fields``), written through :func:`atomic_write`."""
+    import csv
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(fields))
+            w.writeheader()
+            w.writerows(rows)
+
+    atomic_write(path, write)
 
 
 def _umask() -> int:

@@ -642,18 +642,10 @@ def render(result: TuneResult, console: Any = None) -> None:
 
 
 def write_csv(result: TuneResult, path: str) -> None:
-    import csv
+    from .checkpoint import atomic_write_csv
 
-    from .checkpoint import atomic_write
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-            w.writeheader()
-            for r in result.rows:
-                w.writerow({k: v for k, v in asdict(r).items() if k in CSV_FIELDS})
-
-    atomic_write(path, write)
+    atomic_write_csv(path, CSV_FIELDS, ({k: v for k, v in asdict(r).items() if k in CSV_FIELDS}
+                                        for r in result.rows))
 
 
 def write_json(result: TuneResult, path: str) -> None:
