@@ -45,8 +45,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    "minutes and status, and the pieces; run nothing")
     p.add_argument("--stage", action="append", choices=[s for s in STAGES if s != "report"],
                    help="only these stages (repeatable)")
-    p.add_argument("--only", action="append", metavar="PATTERN", help="re-run the rows, runs or steps "
-                   "matching this glob (e.g. 'fine-tuned/evit/*', speed, 'analysis:*'), even if done")
+    p.add_argument("--only", action="append", metavar="PATTERN", help="run only the rows, runs or steps "
+                   "matching this glob (e.g. 'fine-tuned/evit/*', speed, 'analysis:*'), even if done: an "
+                   "unfinished training run continues from its checkpoint, a finished one is not retrained "
+                   "(add --fresh to retrain)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop before a step that would end "
                    "after this many minutes (estimated); run again to continue")
     p.add_argument("--piece-minutes", type=float, default=110, help="session length for --plan's pieces")

@@ -273,11 +273,13 @@ def test_partial_run_saved_with_the_results_continues_on_a_fresh_clone(tmp_path,
 
 def test_finished_steps_are_skipped_and_changed_ones_redone(tmp_path, points_cache, threads, monkeypatch):
     """Catches: finished steps run again, a changed configuration not noticed (stale results
-    reused), --only not forcing its matches or forcing others, --max-minutes ignored."""
+    reused), --only not forcing its matches or forcing others, --only restarting an unfinished
+    run from nothing (only --fresh does), --max-minutes ignored."""
     study = make_study(tmp_path, points_cache)
     assert study.run(stages=["baseline", "checks"]) == "done"
     calls = []
-    monkeypatch.setattr(E, "train_run", lambda ctx, run, key, fresh: calls.append(run.name) or {"key": key})
+    monkeypatch.setattr(E, "train_run",
+                        lambda ctx, run, key, fresh: calls.append((run.name, fresh)) or {"key": key})
     monkeypatch.setattr(E, "evaluate", lambda ctx, run, spec, key: calls.append("eval") or {"key": key})
     assert study.run(stages=["baseline", "checks"]) == "done" and calls == []
 
@@ -287,7 +289,10 @@ def test_finished_steps_are_skipped_and_changed_ones_redone(tmp_path, points_cac
     assert states["train:ft-vit-none-s0"] == "stale"
 
     assert study.run(only=["control/baseline-finetuned"]) == "done"
-    assert calls == ["ft-vit-none-s0", "eval"]
+    assert calls == [("ft-vit-none-s0", False), "eval"]  # selected, continued: not restarted
+    calls.clear()
+    assert study.run(only=["control/baseline-finetuned"], fresh=True) == "done"
+    assert calls == [("ft-vit-none-s0", True), "eval"]
     calls.clear()
     assert changed.run(stages=["checks"], max_minutes=0.0, estimate=lambda s: 1.0) == "stopped"
     assert calls == []

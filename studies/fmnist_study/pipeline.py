@@ -234,7 +234,9 @@ class Study:
                 outcome = self._before(step, max_minutes, ignore_checks, estimate)
                 if outcome:
                     return outcome
-                self._do(step, forced or fresh)
+                # --only selects; only --fresh restarts a training run from nothing (a forced
+                # unfinished run continues from its checkpoint, a finished one is read back).
+                self._do(step, fresh)
                 ran.add(step.path)
         if only and not ran:
             raise StudyError(f"no step matches {only}; names look like 'fine-tuned/evit/k07/s1', "
