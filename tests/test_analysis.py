@@ -65,9 +65,9 @@ def test_masking_robustness(trained, tmp_path):
     res = A.masking_robustness(model, val, ["none", "evit", "imagepiece"], counts=[0, 10, 50],
                                mask_size=4, seed=0)
     assert len(res.rows) == 9
-    assert all(0 <= r["top1"] <= 1 for r in res.rows)
+    assert all(0 <= r["top1"] <= 100 for r in res.rows)  # percent, as eval and tune
     acc = {(r["method"], r["masks"]): r["top1"] for r in res.rows}
-    assert acc[("none", 0)] >= 0.9  # the task is easy
+    assert acc[("none", 0)] >= 90  # the task is easy
     for m in ("none", "evit", "imagepiece"):
         assert acc[(m, 50)] < acc[(m, 0)]
     check_files(A.save_result(res, str(tmp_path)), 9)
@@ -119,7 +119,7 @@ def test_keep_rate_sweep_and_report(trained, tmp_path):
     res = A.keep_rate_sweep(model, val, ["evit", "tome", "imagepiece"], keep_rates=[0.5, 0.9])
     assert res.rows[0]["variant"] == "none"
     assert len(res.rows) == 1 + 2 + 2 + 2
-    assert all(0 <= r["top1"] <= 1 and r["images_per_s"] > 0 for r in res.rows)
+    assert all(0 <= r["top1"] <= 100 and r["images_per_s"] > 0 for r in res.rows)
     evit = {r["value"]: r["final_tokens"] for r in res.rows if r["method"] == "evit"}
     assert evit[0.5] < evit[0.9] < res.rows[0]["final_tokens"]
     check_files(A.save_result(res, str(tmp_path)), 7)
@@ -193,8 +193,37 @@ def test_analyses_run_on_a_gpu_model():
     model, ds = tiny().cuda(), A.SyntheticImages(16, 4, 32)
     cpu = A.masking_robustness(tiny(), ds, ["evit"], counts=[0, 3])
     gpu = A.masking_robustness(model, ds, ["evit"], counts=[0, 3])
-    assert [r["top1"] for r in gpu.rows] == pytest.approx([r["top1"] for r in cpu.rows], abs=0.07)
+    assert [r["top1"] for r in gpu.rows] == pytest.approx([r["top1"] for r in cpu.rows], abs=7)
     A.attentiveness_change(model, ds, ["imagepiece"])
     A.merged_similarity(model, ds, ["tome"])
     A.important_merged(model, ds, ["tome"])
     A.keep_rate_sweep(model, ds, methods=["evit"], keep_rates=[0.5], repeats=1)
+
+
+def test_cli_sweep_on_a_transformers_folder_with_its_own_preprocessing(tmp_path):
+    """A transformers folder has no ``num_classes`` nor timm's attributes: the sweep reads the
+    family-agnostic description, scores its logits and prepares images from its folder."""
+    import json
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from imagepiece.cli import app
+
+    T = pytest.importorskip("transformers")
+    T.ViTForImageClassification(T.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                            image_size=32, patch_size=8, intermediate_size=64,
+                                            num_labels=2)).save_pretrained(tmp_path / "vit")
+    (tmp_path / "vit" / "preprocessor_config.json").write_text(json.dumps(dict(
+        do_normalize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3, size={"height": 32, "width": 32})))
+    for c in ("a", "b"):
+        (tmp_path / "data" / "val" / c).mkdir(parents=True)
+        Image.new("RGB", (40, 40), (200, 30, 30)).save(tmp_path / "data" / "val" / c / "x.png")
+    res = CliRunner().invoke(app, ["analyze", "--model", str(tmp_path / "vit"), "--data",
+                                   f"imagefolder:{tmp_path / 'data'}", "--out", str(tmp_path / "out"),
+                                   "sweep", "--keep-rates", "0.7", "--repeats", "1"])
+    assert res.exit_code == 0, res.output
+    assert "mean (0.5, 0.5, 0.5)" in res.output and "preprocessor_config.json" in res.output
+    rows = json.loads((tmp_path / "out" / "sweep.json").read_text())["rows"]
+    assert {r["method"] for r in rows} == {"none", "evit", "tome", "imagepiece"}
+    assert all(r["top1"] in (0.0, 50.0, 100.0) for r in rows)  # percent of 2 images

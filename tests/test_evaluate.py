@@ -181,3 +181,86 @@ def test_shipped_table_fits_80_columns():
     assert all(len(line) <= 80 for line in lines)
     assert sum(line.startswith("│ ") for line in lines) == 2  # one line per model
     assert any("budget=compound" in line for line in lines)
+
+
+# --------------------------------------------------------------------------------------
+# Each model's own preprocessing, its class count, every family
+# --------------------------------------------------------------------------------------
+
+IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+SHIPPED = dict(model="shipped:baseline", methods=("none",), dataset="fashion-mnist", split="test",
+               max_images=300, workers=0, batch_size=100, timing_runs=0)
+
+
+def test_eval_prepares_images_as_the_model_expects_and_forcing_others_changes_top1():
+    """The shipped model was trained with Fashion-MNIST's mean/std (its card); ImageNet's,
+    forced, lowers top-1: eval must not silently use ImageNet's."""
+    own = evaluate_plans(EvalConfig(**SHIPPED))
+    wrong = evaluate_plans(EvalConfig(**SHIPPED, **IMAGENET))
+    assert "card of shipped:baseline" in own["preprocessing"] and "0.286" in own["preprocessing"]
+    assert "overridden: mean, std" in wrong["preprocessing"]
+    assert own["results"][0]["top1"] > 80 and wrong["results"][0]["top1"] < own["results"][0]["top1"] - 5
+
+
+def test_a_runs_weights_are_scored_on_the_data_it_was_trained_on(run_dir):
+    from imagepiece.data import FASHION_MEAN
+    from imagepiece.preprocess import from_run
+
+    result = evaluate_plans(EvalConfig(checkpoint=run_dir, methods=("none",), dataset="synthetic",
+                                       data_length=16, workers=0, timing_runs=0))
+    assert "training run's data (synthetic)" in result["preprocessing"] and "0.485" in result["preprocessing"]
+    prep = from_run({"img_size": 28, "config": {"dataset": "fashion-mnist", "crop_pct": None}})
+    assert (prep.mean, prep.crop_pct, prep.img_size, prep.interpolation) == (FASHION_MEAN, 1.0, 28, "bicubic")
+
+
+def _image_folder(root, classes, size=20):
+    from PIL import Image
+
+    for c in classes:
+        (root / "val" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (size, size), (40 * i, 90, 200)).save(root / "val" / c / f"{i}.png")
+    return str(root)
+
+
+def test_a_model_whose_classes_are_not_the_datas_is_refused(tmp_path):
+    data = _image_folder(tmp_path, ["cat", "dog"])
+    with pytest.raises(EvalError, match="the model has 10 classes but imagefolder/val has 2"):
+        evaluate_plans(EvalConfig(**{**SHIPPED, "dataset": "imagefolder", "split": "val"}, data_root=data))
+
+
+def test_transformers_folders_size_from_the_model_and_no_head_refused(tmp_path):
+    T = pytest.importorskip("transformers")
+    dim = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8,
+               intermediate_size=64)
+    T.ViTForImageClassification(T.ViTConfig(**dim, num_labels=2)).save_pretrained(tmp_path / "vit")
+    T.CLIPVisionModel(T.CLIPVisionConfig(**dim)).save_pretrained(tmp_path / "clip")
+    data = _image_folder(tmp_path / "data", ["cat", "dog"])
+    cfg = dict(methods=("none", "tome:r=1"), dataset="imagefolder", data_root=data, workers=0,
+               timing_runs=0)
+    result = evaluate_plans(EvalConfig(model=str(tmp_path / "vit"), **cfg))  # no --img-size: the model's
+    assert result["img_size"] == 32 and result["images"] == 4
+    assert "no preprocessor_config" in result["preprocessing"]
+    with pytest.raises(EvalError, match="CLIPVisionModel gives no class scores"):
+        evaluate_plans(EvalConfig(model=str(tmp_path / "clip"), **cfg))
+    with pytest.raises(EvalError, match="--img-size 48 does not match"):
+        evaluate_plans(EvalConfig(model=str(tmp_path / "vit"), img_size=48, **cfg))
+
+
+def test_cli_eval_plans_alone_score_the_shipped_baseline_and_write_csv(tmp_path):
+    import csv
+
+    out = tmp_path / "r.csv"
+    res = CliRunner().invoke(app, ["eval", "--method", "none", "--method", "tome:r=2", "--max-images", "64",
+                                   "--workers", "0", "--csv", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "shipped model 'baseline'" in res.output and "preprocessing" in res.output
+    rows = list(csv.DictReader(out.open()))
+    assert [r["method"] for r in rows] == ["none", "tome:r=2"]
+    assert rows[0]["split"] == "test" and 80 < float(rows[0]["top1"]) <= 100 and rows[0]["images"] == "64"
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has an MPS device")
+def test_mps_is_a_known_device_refused_where_absent():
+    res = CliRunner().invoke(app, ["eval", "--device", "mps", "--method", "none"])
+    assert res.exit_code == 2 and "has no MPS device" in res.output and "Traceback" not in res.output

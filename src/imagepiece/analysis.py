@@ -2,8 +2,8 @@
 
 Every analysis runs any model and any plan (preset spec such as ``"evit:keep_rate=0.5"``) on
 a dataset and returns a :class:`Result` (rows of plain numbers plus metadata) that
-:func:`save_result` writes as CSV, JSON and a PNG figure. Accuracies and shares are fractions
-in [0, 1].
+:func:`save_result` writes as CSV, JSON and a PNG figure. Accuracies are in percent (as in
+``eval`` and ``tune``); shares are fractions in [0, 1].
 
 - :func:`masking_robustness` (Table 4): top-1 under n random square masks.
 - :func:`attentiveness_change` (Table 5): share of inattentive tokens at block l that are
@@ -162,8 +162,10 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def _forward(model: nn.Module, images: torch.Tensor, spec: str) -> torch.Tensor:
+    """The class scores (a transformers model's ``logits``) of the model under ``spec``."""
     try:
-        return model(images.to(model_device(model), non_blocking=True))
+        out = model(images.to(model_device(model), non_blocking=True))
+        return getattr(out, "logits", out)
     except (RuntimeError, ValueError) as e:
         raise AnalysisError(f"method {spec!r} failed on images {tuple(images.shape)}: {e}") from None
 
@@ -205,12 +207,14 @@ class SyntheticImages(Dataset):
 
 
 def build_data(spec: str, split: str = "val", img_size: int = 32, num_classes: int = 10,
-               length: int | None = None, seed: int = 0) -> Dataset:
+               length: int | None = None, seed: int = 0, transform_cfg: Any = None) -> Dataset:
     """A dataset from a ``--data`` spec.
 
-    ``synthetic`` (built here, no files), ``imagepiece-synthetic`` (``data.py``'s synthetic
-    images), ``fashion-mnist[:ROOT]``, ``imagefolder:ROOT`` or just ``ROOT`` (an ImageNet-style
-    folder). Everything but ``synthetic`` uses ``imagepiece.data.build_dataset``.
+    ``synthetic`` (built here, no files, already tensors), ``imagepiece-synthetic``
+    (``data.py``'s synthetic images), ``fashion-mnist[:ROOT]``, ``imagefolder:ROOT`` or just
+    ``ROOT`` (an ImageNet-style folder). Everything but ``synthetic`` uses
+    ``imagepiece.data.build_dataset``, with the eval transform of ``transform_cfg`` (the model's
+    preprocessing, see :mod:`imagepiece.preprocess`; None: the dataset's defaults).
     """
     from .data import SPLITS
 
@@ -230,7 +234,8 @@ def build_data(spec: str, split: str = "val", img_size: int = 32, num_classes: i
 
     try:
         ds = build_dataset(kind.replace("imagepiece-", ""), root or None, split, img_size,
-                           train_transform=False, num_classes=num_classes, length=length, seed=seed)
+                           train_transform=False, transform_cfg=transform_cfg, num_classes=num_classes,
+                           length=length, seed=seed)
     except (ValueError, OSError) as e:
         raise AnalysisError(f"cannot load --data {spec!r}: {e}") from None
     if length is not None and len(ds) > length:
@@ -370,7 +375,7 @@ def _line_plot(result: Result, path: str, x: str, y: str, group: str, xlabel: st
 @torch.inference_mode()
 def accuracy(model: nn.Module, loader: DataLoader, spec: str,
              transform: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> tuple[float, float]:
-    """(top-1 in [0, 1], images/s of the forward passes) of the patched model on ``loader``."""
+    """(top-1 in percent, images/s of the forward passes) of the patched model on ``loader``."""
     correct = total = 0
     seconds = 0.0
     device = model_device(model)
@@ -387,7 +392,7 @@ def accuracy(model: nn.Module, loader: DataLoader, spec: str,
         seconds += time.perf_counter() - t0
         correct += (logits.argmax(-1).cpu() == targets).sum().item()
         total += len(targets)
-    return correct / total, (total / seconds if seconds > 0 else float("nan"))
+    return 100 * correct / total, (total / seconds if seconds > 0 else float("nan"))
 
 
 # --------------------------------------------------------------------------------------
@@ -471,7 +476,7 @@ def masking_robustness(model: nn.Module, ds: Dataset, methods: Sequence[str],
 
 
 def _plot_masking(result: Result, path: str) -> None:
-    _line_plot(result, path, "masks", "top1", "method", "number of masks", "top-1 accuracy")
+    _line_plot(result, path, "masks", "top1", "method", "number of masks", "top-1 (%)")
 
 
 # --------------------------------------------------------------------------------------
@@ -670,9 +675,12 @@ def keep_rate_sweep(model: nn.Module, ds: Dataset, methods: Sequence[str] = ("ev
     unmodified model. Each variant gets an untimed warm-up batch; images/s is the best of
     ``repeats`` passes over the data, the passes after the first interleaving all variants.
     On a shared CPU only the ratios of one run mean anything."""
+    from .patch import describe
+
     loader = _loader(ds, batch_size)
-    patches = int(math.prod(model.patch_embed.grid_size))
-    depth = len(model.blocks)
+    info = describe(model)  # timm or transformers alike
+    patches = math.prod(s // p for s, p in zip(info.image_size, info.patch_size, strict=True))
+    depth = info.depth
     variants: list[tuple[str, str, str, float]] = [("none", "none", "-", float("nan"))]
     for spec in methods:
         name, knobs = _parse(spec)
@@ -694,7 +702,7 @@ def keep_rate_sweep(model: nn.Module, ds: Dataset, methods: Sequence[str] = ("ev
         with torch.inference_mode():
             _forward(model, warm, full)  # warm-up, not timed
         top1, speed = accuracy(model, loader, full)
-        n_out = model.imagepiece.token_counts(model.patch_embed.num_patches + model.num_prefix_tokens)
+        n_out = model.imagepiece.token_counts(info.num_tokens)
         rows.append({"method": spec, "variant": full, "knob": knob, "value": v, "top1": top1,
                      "images_per_s": speed, "final_tokens": n_out[-1][1]})
     for _ in range(max(0, repeats - 1)):  # later passes interleave the variants
@@ -722,7 +730,7 @@ def _plot_sweep(result: Result, path: str) -> None:
                 ax.annotate(f"{r['value']:g}", (r["images_per_s"], r["top1"]), fontsize=7,
                             xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("images / s (measured)")
-    ax.set_ylabel("top-1 accuracy")
+    ax.set_ylabel("top-1 (%)")
     ax.set_ylim(0, 1)
     _finish(fig, ax, result, path)
 

@@ -218,6 +218,24 @@ def find_checkpoint(directory: str) -> str | None:
     return None
 
 
+def run_meta(path: str | None) -> dict[str, Any]:
+    """The ``meta.json`` of an imagepiece training run (a run folder or one of its checkpoint
+    folders): model name, kwargs, input size, classes and the run's config. Empty for anything
+    else (a weights file, a foreign folder). Reading only, no checksum work."""
+    if not path or not os.path.isdir(path):
+        return {}
+    for sub in ("", "checkpoints/best", "checkpoints/last"):
+        meta = os.path.join(path, sub, META_FILE)
+        if os.path.isfile(meta):
+            try:
+                with open(meta) as f:
+                    found = json.load(f)
+            except (OSError, ValueError) as e:
+                raise CheckpointError(f"cannot read {meta!r}: {e}") from None
+            return found if isinstance(found, dict) else {}
+    return {}
+
+
 _kill_counts: dict[str, int] = {}
 
 

@@ -260,9 +260,9 @@ def train(
 
 @app.command("eval")
 def eval_(
-    model: str = typer.Option(None, "--model", "-m", help="timm or imagepiece_* name, or a "
-                              "transformers model folder / cached hub id (default: the model of a "
-                              "run directory given as --checkpoint)."),
+    model: str = typer.Option(None, "--model", "-m", help="timm or imagepiece_* name, shipped:NAME, or "
+                              "a transformers model folder / cached hub id (default: the model of a run "
+                              "directory given as --checkpoint; with only --method: shipped:baseline)."),
     checkpoint: str = typer.Option(None, "--checkpoint", help="Run directory, checkpoint "
                                    "directory, .safetensors, timm .pth/.pth.tar, EViT/ToMe release."),
     ema: bool = typer.Option(False, "--ema", help="Use the checkpoint's EMA weights."),
@@ -272,26 +272,33 @@ def eval_(
     model_arg: list[str] = typer.Option(None, "--model-arg", help="Repeatable KEY=VALUE for "
                                         "timm.create_model."),
     dataset: str = typer.Option(None, "--dataset", help="imagefolder, fashion-mnist, synthetic "
-                                "[the run's, else imagefolder]."),
+                                "[the run's; fashion-mnist for a shipped model; else imagefolder]."),
     data: str = typer.Option(None, "--data", help="Dataset root (see train)."),
     split: str = typer.Option("val", "--split", help="val, test or train (always the eval transform)."),
-    img_size: int = typer.Option(None, "--img-size"),
+    img_size: int = typer.Option(None, "--img-size", help="Input size of a timm model built here "
+                                 "(default: the run's; 32 for fashion-mnist/synthetic; else the model's)."),
     num_classes: int = typer.Option(None, "--num-classes"),
-    crop_pct: float = typer.Option(None, "--crop-pct", help="(default: 0.875; 1.0 for Fashion-MNIST)."),
+    mean: str = typer.Option(None, "--mean", help="Override the model's mean, e.g. 0.5,0.5,0.5."),
+    std: str = typer.Option(None, "--std", help="Override the model's std."),
+    crop_pct: float = typer.Option(None, "--crop-pct", help="Override the model's crop fraction."),
+    interpolation: str = typer.Option(None, "--interpolation", help="Override: bilinear, bicubic, ..."),
     batch_size: int = typer.Option(None, "--batch-size", "-b", help="Images per batch, also the timed "
                                    "batch (default: 64; 256 for the shipped models)."),
     workers: int = typer.Option(4, "--workers"),
     threads: int = typer.Option(None, "--threads"),
-    device: str = typer.Option("auto", "--device"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N, mps."),
     amp: bool = typer.Option(False, "--amp", help="fp16 autocast on CUDA."),
     data_length: int = typer.Option(None, "--data-length", help="Synthetic data size."),
     json_path: str = typer.Option(None, "--json", help="Write the results as JSON."),
+    csv_path: str = typer.Option(None, "--csv", help="Write one CSV row per plan (or shipped model)."),
     max_images: int = typer.Option(None, "--max-images", help="Evaluate only the first N images."),
 ) -> None:
-    """Top-1/top-5/loss/images-per-second of the same weights under several plans.
+    """Top-1/top-5/loss/images-per-second of the same weights under several plans, on images
+    prepared the way the model expects (its run, card, preprocessor config or timm data config).
 
     With no --model and no --checkpoint: the models shipped with imagepiece (baseline, ToMe,
-    EViT, ImagePiece trained on Fashion-MNIST) on the Fashion-MNIST test split, offline."""
+    EViT, ImagePiece trained on Fashion-MNIST) on the Fashion-MNIST test split, offline; with
+    --method and no model: the shipped baseline under those plans."""
     import torch
 
     from . import evaluate as E
@@ -301,46 +308,72 @@ def eval_(
     try:  # before any work: nothing is computed for a run whose result cannot be kept
         check_threads(threads)
         check_device(device, "--device")
-        if json_path is not None:
-            check_output_file(json_path, "--json")
+        for path, option in ((json_path, "--json"), (csv_path, "--csv")):
+            if path is not None:
+                check_output_file(path, option)
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     if threads:
         torch.set_num_threads(threads)
-    # Only a bare `imagepiece eval` (optionally with --data/--split/--max-images/--json) means the
-    # shipped models; a plan or another dataset with no model is a mistake worth reporting.
-    if model is None and checkpoint is None and not pretrained and not method \
-            and dataset in (None, "fashion-mnist"):
-        try:
-            result = E.evaluate_shipped(data, "test" if split == "val" else split, max_images,
-                                        batch_size=256 if batch_size is None else batch_size,
-                                        device="cpu" if device == "auto" else device)
-        except ValueError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from None
-        E.render_shipped(result)
-        if json_path:
-            E.write_json(result, json_path)
-            typer.echo(f"wrote {json_path}")
-        return
+    bare = model is None and checkpoint is None and not pretrained and dataset in (None, "fashion-mnist")
+    if bare and not method:
+        return _eval_shipped(data, split, max_images, batch_size, device, json_path, csv_path)
+    if bare:  # plans but no model: the shipped baseline, on the data it was trained for
+        model, dataset = E.SHIPPED_PREFIX + "baseline", "fashion-mnist"
+        split = "test" if split == "val" else split
     try:
         cfg = E.EvalConfig(
             model=model, checkpoint=checkpoint, use_ema=ema, pretrained=pretrained,
             methods=tuple(method) if method else ("none", "tome", "evit", "imagepiece"),
             model_kwargs=_key_values(model_arg, "--model-arg"), dataset=dataset, data_root=data,
             split=split, img_size=img_size, num_classes=num_classes, crop_pct=crop_pct,
+            interpolation=interpolation, mean=_float_list(mean, "--mean"), std=_float_list(std, "--std"),
             batch_size=64 if batch_size is None else batch_size, workers=workers, device=device, amp=amp,
             data_length=data_length, max_images=max_images)
-        result = E.evaluate_plans(cfg)
+        result = _with_progress("eval", lambda step: E.evaluate_plans(cfg, step))
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     if result["rank"] == 0:
         E.render(result)
-        if json_path:
-            E.write_json(result, json_path)
-            typer.echo(f"wrote {json_path}")
+        _write_eval_outputs(result, json_path, csv_path)
+
+
+def _with_progress(what: str, work):
+    """``work(step)`` under a transient progress bar; ``step(done, total, label)`` moves it."""
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task(what, total=None)
+        return work(lambda done, total, label: bar.update(task, completed=done, total=total,
+                                                          description=f"{what}: {label}"))
+
+
+def _eval_shipped(data, split, max_images, batch_size, device, json_path, csv_path) -> None:
+    from . import evaluate as E
+
+    try:
+        result = _with_progress("eval", lambda step: E.evaluate_shipped(
+            data, "test" if split == "val" else split, max_images,
+            batch_size=256 if batch_size is None else batch_size,
+            device="cpu" if device == "auto" else device, progress=step))
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    E.render_shipped(result)
+    _write_eval_outputs(result, json_path, csv_path)
+
+
+def _write_eval_outputs(result: dict, json_path: str | None, csv_path: str | None) -> None:
+    from . import evaluate as E
+
+    if json_path:
+        E.write_json(result, json_path)
+        typer.echo(f"wrote {json_path}")
+    if csv_path:
+        E.write_csv(result, csv_path)
+        typer.echo(f"wrote {csv_path}")
 
 
 @app.command()
@@ -467,6 +500,9 @@ def visualize(
 ) -> None:
     """Draw the token partition and class attention of each method at chosen blocks."""
     from .analysis import AnalysisError, apply_method, load_model
+    from .checkpoint import run_meta
+    from .patch import is_transformers_path
+    from .preprocess import resolve_preprocessing
     from .vis import output_paths
     from .vis import visualize as draw
 
@@ -492,7 +528,11 @@ def visualize(
                 raise AnalysisError("no image given (only the shipped model has default images)")
             net = load_model(model, _key_values(model_arg, "--model-arg"), checkpoint, seed=seed)
             default_methods = ["tome", "evit", "imagepiece"]
-        paths = draw(net, images, list(method) if method else default_methods, out, block_list, features)
+        prep = resolve_preprocessing(net, model if model and is_transformers_path(model) else None,
+                                     run=run_meta(checkpoint))
+        typer.echo(f"preprocessing: {prep.summary()}")
+        paths = draw(net, images, list(method) if method else default_methods, out, block_list, features,
+                     prep)
     except ValueError as e:  # AnalysisError, VisError, ZooError, DataError
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
@@ -530,23 +570,32 @@ def _analyze_setup(
     threads: int = typer.Option(None, "--threads", help="torch.set_num_threads."),
     seed: int = typer.Option(0, "--seed", help="Seed of random weights, data and masks."),
     out: str = typer.Option("analysis", "--out", "-o", help="Output folder."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto (cuda when available)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N, mps or auto (cuda when "
+                               "available)."),
+    mean: str = typer.Option(None, "--mean", help="Override the model's mean, e.g. 0.5,0.5,0.5."),
+    std: str = typer.Option(None, "--std", help="Override the model's std."),
+    crop_pct: float = typer.Option(None, "--crop-pct", help="Override the model's crop fraction."),
+    interpolation: str = typer.Option(None, "--interpolation", help="Override: bilinear, bicubic, ..."),
 ) -> None:
+    prep = dict(mean=_float_list(mean, "--mean"), std=_float_list(std, "--std"), crop_pct=crop_pct,
+                interpolation=interpolation)
     ctx.obj = dict(model=model, checkpoint=checkpoint, model_arg=model_arg, data=data, split=split,
                    num_classes=num_classes, length=length, batch_size=batch_size, threads=threads,
-                   seed=seed, out=out, device=device)
+                   seed=seed, out=out, device=device, prep={k: v for k, v in prep.items() if v is not None})
 
 
 def _check_analysis_options(o: dict) -> None:
     """The common options, before any work: 0 never stands for a default."""
     from .distributed import check_device
     from .options import check_count, check_output_dir
+    from .preprocess import check_overrides
 
     for name in ("threads", "length", "num_classes", "batch_size"):
         check_count(o[name], "--" + name.replace("_", "-"), 1)
     check_count(o["seed"], "--seed", 0)
     check_device(o["device"], "--device")
     check_output_dir(o["out"], "--out")
+    check_overrides(**o["prep"])
 
 
 def _check_keep_rate(value: float | None) -> None:
@@ -568,10 +617,15 @@ def _check_fill(fill: float) -> None:
 
 
 def _analysis_inputs(ctx: typer.Context):
+    """The model (on its device), the data prepared the way the model expects, and the setup."""
     import torch
 
-    from .analysis import build_data, input_size, load_model
+    from .analysis import build_data, load_model
+    from .checkpoint import run_meta
     from .distributed import resolve_device
+    from .evaluate import num_outputs
+    from .patch import is_transformers_path
+    from .preprocess import resolve_preprocessing
 
     o = ctx.obj
     if o["threads"]:
@@ -583,13 +637,17 @@ def _analysis_inputs(ctx: typer.Context):
         net = load_shipped(o["model"].split(":", 1)[1], patched=False)
     else:
         net = load_model(o["model"], kwargs, o["checkpoint"], o["num_classes"], seed=o["seed"])
-    import torch
-
+    folder = o["model"] if is_transformers_path(o["model"]) else None
+    source = f"the card of {o['model']}" if o["model"].startswith("shipped:") else None
+    prep = resolve_preprocessing(net, folder, run=run_meta(o["checkpoint"]), source=source, **o["prep"])
+    classes = num_outputs(net)
     net.to(resolve_device(o["device"], "--device"))
-    classes = net.num_classes or 10
-    ds = build_data(o["data"], o["split"], input_size(net)[0], classes, o["length"], o["seed"])
+    ds = build_data(o["data"], o["split"], prep.img_size, classes, o["length"], o["seed"],
+                    prep.transform_config())
     setup = {k: o[k] for k in ("model", "checkpoint", "data", "split", "length", "seed")}
-    setup.update(model_args=kwargs, images=len(ds), threads=torch.get_num_threads())
+    tensors = (o["data"] or "synthetic").split(":")[0] == "synthetic"
+    setup.update(model_args=kwargs, images=len(ds), threads=torch.get_num_threads(),
+                 preprocessing="none: synthetic tensors" if tensors else prep.summary())
     return net, ds, setup
 
 
@@ -603,8 +661,13 @@ def _run_analyses(ctx: typer.Context, jobs, check=None) -> None:
         if check is not None:
             check()
         net, ds, setup = _analysis_inputs(ctx)
-        for name, kwargs in jobs:
-            result = ANALYSES[name][1](net, ds, batch_size=ctx.obj["batch_size"], **kwargs)
+        typer.echo(f"preprocessing: {setup['preprocessing']}")
+        for i, (name, kwargs) in enumerate(jobs):
+            def work(step, name=name, kwargs=kwargs, i=i):
+                step(i, len(jobs), f"{name} ({i + 1}/{len(jobs)})")
+                return ANALYSES[name][1](net, ds, batch_size=ctx.obj["batch_size"], **kwargs)
+
+            result = _with_progress("analyze", work)
             result.meta.setdefault("setup", setup)
             render(result)
             for path in save_result(result, ctx.obj["out"]).values():

@@ -17,8 +17,9 @@ import torch.distributed as dist
 __all__ = ["DEVICES", "DeviceError", "DistInfo", "LostPeerError", "all_reduce_sum", "broadcast_object",
            "check_device", "finish", "lost_peer", "resolve_device", "setup_distributed"]
 
-#: The device names every tool accepts; ``cuda:N`` (a GPU by index) as well.
-DEVICES = ("auto", "cpu", "cuda")
+#: The device names every tool accepts; ``cuda:N`` (a GPU by index) as well. ``mps`` is Apple's
+#: GPU, accepted where this torch build and machine have it.
+DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 class DeviceError(ValueError):
@@ -78,7 +79,10 @@ def check_device(device: Any, option: str = "device") -> str:
     if dev.startswith("cuda") and not torch.cuda.is_available():
         raise DeviceError(f"{option}={device!r} but CUDA is not available on this machine; use cpu or "
                           "auto")
-    if dev[5:] and int(dev[5:]) >= torch.cuda.device_count():
+    if dev == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"{option}={device!r} but this machine (or torch build) has no MPS device; use "
+                          "cpu or auto")
+    if dev[:5] == "cuda:" and int(dev[5:]) >= torch.cuda.device_count():
         raise DeviceError(f"{option}={device!r} does not exist; this machine has "
                           f"{torch.cuda.device_count()} CUDA device(s): cuda:0..")
     return dev

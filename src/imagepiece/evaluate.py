@@ -105,8 +105,11 @@ class EvalConfig:
     split: str = "val"
     img_size: int | None = None
     num_classes: int | None = None
+    # Preprocessing overrides (None: the model's own, see imagepiece.preprocess)
     crop_pct: float | None = None
-    interpolation: str = "bicubic"
+    interpolation: str | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
     batch_size: int = 64
     workers: int = 4
     data_length: int | None = None
@@ -134,8 +137,12 @@ def check_config(cfg: EvalConfig) -> None:
             parse_method(spec)
     except ValueError as e:
         raise EvalError(str(e)) from None
-    if cfg.crop_pct is not None and not 0 < cfg.crop_pct <= 1:
-        raise EvalError(f"crop_pct={cfg.crop_pct!r} is not allowed; expected a value in (0, 1]")
+    try:  # the preprocessing overrides, before any work (the model's own values come later)
+        from .preprocess import check_overrides
+
+        check_overrides(mean=cfg.mean, std=cfg.std, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation)
+    except ValueError as e:
+        raise EvalError(str(e)) from None
     if cfg.dataset is not None and cfg.dataset not in DATASET_KINDS:
         raise EvalError(f"dataset={cfg.dataset!r} is not allowed; allowed: {', '.join(DATASET_KINDS)}")
     if cfg.split not in SPLITS:
@@ -144,77 +151,83 @@ def check_config(cfg: EvalConfig) -> None:
         raise EvalError("no method to evaluate; pass e.g. --method none --method evit")
 
 
-def _from_run(cfg: EvalConfig) -> dict[str, Any]:
-    """Model name, kwargs, data and size saved with one of our checkpoints (empty otherwise)."""
-    if not cfg.checkpoint or not os.path.isdir(cfg.checkpoint):
-        return {}
-    for sub in ("", "checkpoints/best", "checkpoints/last"):
-        meta = os.path.join(cfg.checkpoint, sub, "meta.json")
-        if os.path.isfile(meta):
-            try:
-                with open(meta) as f:
-                    found = json.load(f)
-            except (OSError, ValueError) as e:
-                raise EvalError(f"cannot read {meta!r}: {e}") from None
-            return found if isinstance(found, dict) else {}
-    return {}
-
-
 def _first(*values: Any) -> Any:
     """The first value that is not None (0 is a value, not "unset")."""
     return next((v for v in values if v is not None), None)
 
 
+SHIPPED_PREFIX = "shipped:"
+
+
+def num_outputs(model: nn.Module) -> int:
+    """How many class scores the model gives (one forward of a blank image); :class:`EvalError`
+    for a model with no classification head (a CLIP vision tower, a feature model)."""
+    info = describe(model)
+    with torch.inference_mode():
+        out = model(torch.zeros(1, info.in_chans, *info.image_size, device=_device_of(model)))
+    logits = getattr(out, "logits", out)
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+        raise EvalError(f"{type(model).__name__} gives no class scores ({type(out).__name__}); scoring needs "
+                        "a classifier whose outputs are the data's classes")
+    return logits.shape[-1]
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 def evaluate_plans(cfg: EvalConfig, progress: Any = None) -> dict[str, Any]:
     """Evaluate the weights of ``cfg`` under every method; returns the results and the setup.
 
-    Each method runs on its own copy of the same weights: accuracy over the whole split, then
-    images/s timed on one batch with every plan interleaved in a new random order per round
-    after untimed warm-up rounds (as ``bench`` does), so no plan pays the one-time costs.
+    The images are prepared the way the model expects (:mod:`imagepiece.preprocess`: a run's
+    data, a transformers folder's preprocessor config, timm's ``pretrained_cfg``; ``cfg``'s
+    mean/std/crop/interpolation/size override it). Each method runs on its own copy of the same
+    weights: accuracy over the whole split, then images/s timed on one batch with every plan
+    interleaved in a new random order per round after untimed warm-up rounds (as ``bench``
+    does), so no plan pays the one-time costs.
     """
-    import timm
+    import copy
 
+    from .coherence import coherence_mode
     from .data import num_classes_of
     from .distributed import setup_distributed
 
     check_config(cfg)
-    run = _from_run(cfg)
-    saved = run.get("config") or {}
-    model_name = cfg.model or run.get("model")
-    if not model_name:
-        raise EvalError("no model given: pass --model NAME (a timm name), or --checkpoint RUN_DIR of "
-                        "an imagepiece training run (or no options at all: the shipped models)")
-    if not timm.is_model(model_name) and not is_transformers_path(model_name):
-        raise EvalError(f"unknown model {model_name!r}; any timm.list_models() name or imagepiece_*, "
-                        "or a transformers save_pretrained folder")
+    run, model_name = _model_name(cfg)
     parsed = [(spec, parse_method(spec)[0]) for spec in cfg.methods]
+    saved = run.get("config") or {}
     dataset = cfg.dataset or saved.get("dataset") or "imagefolder"
     data_root = cfg.data_root or (saved.get("data_root") if dataset == saved.get("dataset") else None)
-    img_size = _first(cfg.img_size, run.get("img_size"), 224 if dataset == "imagefolder" else 32)
     joined = dist.is_available() and dist.is_initialized()
     info = setup_distributed(cfg.device)
-    torch.manual_seed(cfg.seed)
-    ds = _eval_dataset(cfg, dataset, data_root, img_size, _first(cfg.num_classes, run.get("num_classes"), 10))
-    data_classes = num_classes_of(ds)
-    num_classes = _first(cfg.num_classes, run.get("num_classes")) or data_classes
-    if data_classes > num_classes:  # labels past the classifier: cross-entropy's IndexError
-        raise EvalError(f"the model has {num_classes} classes but {dataset}/{cfg.split} has {data_classes}; "
-                        "evaluate it on data of its own classes (or give --num-classes for random weights)")
+    classes = _first(cfg.num_classes, run.get("num_classes"))
+    if classes is None and not _brings_weights(cfg, model_name):  # random weights: the data's classes
+        classes = num_classes_of(_eval_dataset(cfg, dataset, data_root, None, 10))
+    base, weights, folder = _eval_model(cfg, model_name, run, dataset, classes or 10)
+    prep = _preprocessing(cfg, base, folder, run, model_name)
+    outputs = num_outputs(base)
+    ds = _eval_dataset(cfg, dataset, data_root, prep, outputs)
+    if num_classes_of(ds) != outputs:
+        raise EvalError(f"the model has {outputs} classes but {dataset}/{cfg.split} has "
+                        f"{num_classes_of(ds)}; evaluate it on data of its own classes (or give "
+                        "--num-classes for random weights)")
     ds = first_images(ds, cfg.max_images)
-    own_plan = model_name.startswith("imagepiece_")
+    # A model built with the coherence bias keeps it under every plan, "none" included.
+    own_plan = model_name.startswith("imagepiece_") or coherence_mode(base) is not None
     loader = make_eval_loader(ds, cfg.batch_size, cfg.workers, info.rank, info.world_size,
                               info.device.type == "cuda")
-    models, rows, weights = {}, [], ""
+    models, rows = {}, []
     for i, (spec, _) in enumerate(parsed):
-        # Each plan gets its own model holding the same weights, for the interleaved timing.
-        model, weights = _eval_model(cfg, model_name, saved, img_size, num_classes, own_plan)
-        models[spec] = _under_method(model, spec, own_plan).to(info.device).eval()
+        # Each plan gets its own copy of the same weights, for the interleaved timing.
+        models[spec] = _under_method(copy.deepcopy(base), spec, own_plan).to(info.device).eval()
         result = evaluate_model(models[spec], loader, info.device, cfg.amp, info.world_size)
         result.pop("images_per_s")  # the accuracy pass is not a fair timing: see _time_plans
         rows.append({"method": spec, **result})
         if progress is not None:
-            progress(i + 1, len(parsed), spec)
+            progress(i + 1, len(parsed) + 1, spec)
     speeds = _time_plans(models, loader, cfg, info)
+    if progress is not None:
+        progress(len(parsed) + 1, len(parsed) + 1, "images/s")
     if info.distributed and not joined:
         dist.destroy_process_group()
     base_speed = speeds.get(parsed[0][0]) if parsed[0][1] == "none" else None
@@ -223,22 +236,68 @@ def evaluate_plans(cfg: EvalConfig, progress: Any = None) -> dict[str, Any]:
         row["speedup"] = row["images_per_s"] / base_speed if base_speed else None
     return {"model": model_name, "weights": weights, "dataset": dataset, "split": cfg.split,
             "folder": getattr(getattr(ds, "dataset", ds), "root", None),
-            "images": rows[0]["images"], "img_size": img_size, "device": str(info.device),
-            "world_size": info.world_size, "rank": info.rank, "config": asdict(cfg), "results": rows}
+            "images": rows[0]["images"], "img_size": prep.img_size, "preprocessing": prep.summary(),
+            "device": str(info.device), "world_size": info.world_size, "rank": info.rank,
+            "config": asdict(cfg), "results": rows}
 
 
-def _eval_dataset(cfg: EvalConfig, dataset: str, data_root: str | None, img_size: int,
+def _model_name(cfg: EvalConfig) -> tuple[dict[str, Any], str]:
+    """(the run's ``meta.json`` or {}, the model to evaluate), checked to exist."""
+    import timm
+
+    from .checkpoint import run_meta
+
+    run = run_meta(cfg.checkpoint)
+    name = cfg.model or run.get("model")
+    if not name:
+        raise EvalError("no model given: pass --model NAME (a timm name, shipped:NAME or a transformers "
+                        "folder), or --checkpoint RUN_DIR of an imagepiece training run (or no options at "
+                        "all: the shipped models)")
+    if name.startswith(SHIPPED_PREFIX):
+        return run, name
+    if not timm.is_model(name) and not is_transformers_path(name):
+        raise EvalError(f"unknown model {name!r}; any timm.list_models() name or imagepiece_*, "
+                        f"{SHIPPED_PREFIX}NAME of a shipped model, or a transformers save_pretrained folder")
+    return run, name
+
+
+def _brings_weights(cfg: EvalConfig, name: str) -> bool:
+    """Whether the model's class count comes with it (not chosen to fit the data)."""
+    return bool(cfg.checkpoint or cfg.pretrained or name.startswith(SHIPPED_PREFIX)
+                or is_transformers_path(name))
+
+
+def _preprocessing(cfg: EvalConfig, model: nn.Module, folder: str | None, run: dict[str, Any],
+                   name: str) -> Any:
+    """The model's own preprocessing, with ``cfg``'s values overriding it."""
+    from .preprocess import resolve_preprocessing
+
+    source = f"the card of {name}" if name.startswith(SHIPPED_PREFIX) else None
+    try:
+        return resolve_preprocessing(model, folder, run=run, source=source, mean=cfg.mean, std=cfg.std,
+                                     crop_pct=cfg.crop_pct, interpolation=cfg.interpolation)
+    except ValueError as e:
+        raise EvalError(str(e)) from None
+
+
+def _eval_dataset(cfg: EvalConfig, dataset: str, data_root: str | None, prep: Any,
                   synthetic_classes: int) -> Dataset:
-    """The split to evaluate; synthetic data gets the model's class count (a run's, or 10)."""
+    """The split to evaluate, prepared with ``prep`` (None: only to count its classes);
+    synthetic data gets the model's class count."""
     from .data import TransformConfig, build_dataset
 
-    tcfg = TransformConfig(crop_pct=cfg.crop_pct, interpolation=cfg.interpolation)
-    return build_dataset(dataset, data_root, cfg.split, img_size, train_transform=False, transform_cfg=tcfg,
-                         num_classes=synthetic_classes, length=cfg.data_length, seed=cfg.seed)
+    tcfg = prep.transform_config() if prep is not None else TransformConfig()
+    size = prep.img_size if prep is not None else 32
+    try:
+        return build_dataset(dataset, data_root, cfg.split, size, train_transform=False, transform_cfg=tcfg,
+                             num_classes=synthetic_classes, length=cfg.data_length, seed=cfg.seed)
+    except OSError as e:
+        raise EvalError(f"cannot read {dataset} data at {data_root!r}: {e}") from None
 
 
-def _transformers_model(cfg: EvalConfig, path: str, img_size: int) -> tuple[nn.Module, str]:
-    """A transformers model from its folder, with its own weights; its input size must be the data's."""
+def _transformers_model(cfg: EvalConfig, path: str) -> tuple[nn.Module, str, str]:
+    """A transformers model from its folder, with its own weights; its input size must be the
+    one asked for, if any."""
     if cfg.checkpoint or cfg.pretrained or cfg.model_kwargs:
         raise EvalError("--checkpoint, --pretrained and --model-arg apply to timm models; a "
                         "transformers model comes with its weights and config from its folder")
@@ -246,44 +305,64 @@ def _transformers_model(cfg: EvalConfig, path: str, img_size: int) -> tuple[nn.M
         model = load_transformers(path)
     except (ImportError, OSError, ValueError, TypeError) as e:
         raise EvalError(f"cannot load the transformers model {path!r}: {e}") from None
-    size = describe(model).image_size
-    if size != (img_size, img_size):
-        raise EvalError(f"--img-size {img_size} does not match the model's input size {size}; "
-                        f"give --img-size {size[0]}")
-    return model, f"transformers, from {path}"
+    _check_size(model, describe(model).image_size, cfg.img_size)
+    return model, f"transformers, from {path}", path
 
 
-def _eval_model(cfg: EvalConfig, name: str, saved: dict[str, Any], img_size: int, num_classes: int,
-                own_plan: bool) -> tuple[nn.Module, str]:
-    """The unreduced model with the weights of ``cfg`` and a label for them; a checkpoint of
-    another architecture, or a model whose input size is not the data's, is refused."""
+def _check_size(model: nn.Module, size: Any, asked: int | None) -> None:
+    if size is not None and asked is not None and tuple(size) != (asked, asked):
+        raise EvalError(f"--img-size {asked} does not match the input size {tuple(size)} "
+                        f"{type(model).__name__} is built for; give --img-size {size[0]} or leave it out")
+
+
+def _shipped_model(cfg: EvalConfig, name: str) -> tuple[nn.Module, str, None]:
+    from .zoo import load_shipped
+
+    if cfg.checkpoint or cfg.pretrained or cfg.model_kwargs:
+        raise EvalError("--checkpoint, --pretrained and --model-arg apply to timm names, not to shipped "
+                        "models")
+    try:
+        model = load_shipped(name[len(SHIPPED_PREFIX):], patched=False)
+    except ValueError as e:
+        raise EvalError(str(e)) from None
+    _check_size(model, describe(model).image_size, cfg.img_size)
+    return model, f"shipped model {name[len(SHIPPED_PREFIX):]!r}", None
+
+
+def _eval_model(cfg: EvalConfig, name: str, run: dict[str, Any], dataset: str, num_classes: int
+                ) -> tuple[nn.Module, str, str | None]:
+    """(the unreduced model with the weights of ``cfg``, a label for them, its transformers
+    folder or None). Input size: ``--img-size``, else the run's, else 32 for Fashion-MNIST and
+    synthetic data, else the model's own. A checkpoint of another architecture, or a model
+    built for another size than the one asked, is refused."""
     import timm
 
     from .checkpoint import load_weights
     from .models import fixed_input_size
 
     if is_transformers_path(name):
-        return _transformers_model(cfg, name, img_size)
-    kwargs = dict(saved.get("model_kwargs") or {})
+        return _transformers_model(cfg, name)
+    if name.startswith(SHIPPED_PREFIX):
+        return _shipped_model(cfg, name)
+    kwargs = dict((run.get("config") or {}).get("model_kwargs") or run.get("model_kwargs") or {})
     kwargs.update(cfg.model_kwargs)
-    kwargs.setdefault("img_size", img_size)
+    size = _first(cfg.img_size, run.get("img_size"), None if dataset == "imagefolder" else 32)
+    if size is not None:
+        kwargs.setdefault("img_size", size)
     kwargs.setdefault("num_classes", num_classes)
-    if own_plan:
+    if name.startswith("imagepiece_"):
         kwargs.setdefault("plan", "none")
-    torch.manual_seed(cfg.seed)  # random weights: the same for every plan
+    torch.manual_seed(cfg.seed)  # random weights: the same for every call
     try:
         model = timm.create_model(name, pretrained=cfg.pretrained, **kwargs)
     except (TypeError, ValueError, AssertionError) as e:
         raise EvalError(f"cannot create {name!r} with {kwargs}: {e}") from None
-    size = fixed_input_size(model)
-    if size is not None and size != (img_size, img_size):
-        raise EvalError(f"--img-size {img_size} does not match the model's input size {tuple(size)}; "
-                        f"give --img-size {size[0]} or leave it out")
+    _check_size(model, fixed_input_size(model), size)
     weights = "timm pretrained" if cfg.pretrained else "random"
     if cfg.checkpoint:
         load_weights(model, cfg.checkpoint, use_ema=cfg.use_ema, strict=True, adapt=False)
         weights = cfg.checkpoint + (" (EMA)" if cfg.use_ema else "")
-    return model, weights
+    return model.eval(), weights, None
 
 
 def _under_method(model: nn.Module, spec: str, own_plan: bool) -> nn.Module:
@@ -330,6 +409,19 @@ def render(result: dict[str, Any], console: Any = None) -> None:
         table.add_row(row["method"], f"{row['top1']:.2f}", f"{row['top5']:.2f}", f"{row['loss']:.4f}",
                       f"{row['images_per_s']:.1f}", f"{row['speedup']:.2f}x" if row["speedup"] else "-")
     console.print(table)
+    console.print(f"top-1/top-5 in percent; preprocessing: {result['preprocessing']}", soft_wrap=True)
+
+
+def write_csv(result: dict[str, Any], path: str) -> None:
+    """One row per plan (or shipped model) with what was evaluated, atomically; top-1/top-5 in
+    percent."""
+    from .checkpoint import atomic_write_csv
+
+    context = {k: result[k] for k in ("model", "weights", "dataset", "split", "images", "preprocessing",
+                                      "root", "device") if k in result}
+    rows = [{**context, **r} for r in result["results"]]  # a shipped model's row names its model
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    atomic_write_csv(path, fields, rows)
 
 
 def write_json(result: dict[str, Any], path: str) -> None:

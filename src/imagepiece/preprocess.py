@@ -7,6 +7,9 @@ without any error. So the tools read the preprocessing from the model itself:
 - a timm model: its ``pretrained_cfg`` through ``timm.data.resolve_data_config`` (the shipped
   models carry their Fashion-MNIST mean/std there, from their card);
 - a transformers ``save_pretrained`` folder: its ``preprocessor_config.json``;
+- the weights of an ``imagepiece train`` run: the eval transform of the data it was trained on
+  (Fashion-MNIST's mean/std for a Fashion-MNIST run, ImageNet's otherwise, the run's crop and
+  interpolation);
 
 with the model's actual input size (a timm model created with ``img_size=32`` keeps its
 pretrained_cfg's 224). Explicit overrides (``--mean``, ``--std``, ``--crop-pct``,
@@ -22,10 +25,10 @@ from typing import Any
 
 import torch.nn as nn
 
-from .data import IMAGENET_MEAN, IMAGENET_STD, TransformConfig
+from .data import FASHION_MEAN, FASHION_STD, IMAGENET_MEAN, IMAGENET_STD, TransformConfig
 
-__all__ = ["INTERPOLATIONS", "Preprocessing", "PreprocessError", "from_timm", "from_transformers_folder",
-           "resolve_preprocessing"]
+__all__ = ["INTERPOLATIONS", "Preprocessing", "PreprocessError", "check_overrides", "from_run", "from_timm",
+           "from_transformers_folder", "resolve_preprocessing"]
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
 #: PIL's resample codes, as transformers' preprocessor_config.json stores them
@@ -81,6 +84,20 @@ def from_timm(model: nn.Module, source: str | None = None) -> Preprocessing:
                          float(cfg.get("crop_pct") or 1.0), source or "the model's timm pretrained_cfg")
 
 
+def from_run(meta: dict[str, Any], model: nn.Module | None = None) -> Preprocessing:
+    """The eval transform of the data a training run used (``meta`` is its checkpoint's
+    ``meta.json``, see :func:`imagepiece.checkpoint.run_meta`): ``build_dataset`` normalises
+    Fashion-MNIST with its own statistics and everything else with ImageNet's."""
+    cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    dataset = cfg.get("dataset") or "imagefolder"
+    fashion = dataset == "fashion-mnist"
+    size = meta.get("img_size") or cfg.get("img_size") or (_model_size(model) if model is not None else None)
+    crop = cfg.get("crop_pct") or (1.0 if fashion else 0.875)
+    return Preprocessing(int(size or 224), FASHION_MEAN if fashion else IMAGENET_MEAN,
+                         FASHION_STD if fashion else IMAGENET_STD, str(cfg.get("interpolation") or "bicubic"),
+                         float(crop), f"the training run's data ({dataset})")
+
+
 def _edge(value: Any) -> int | None:
     """A transformers size entry (int, {"height", "width"} or {"shortest_edge"}) as one edge."""
     if isinstance(value, int):
@@ -129,19 +146,10 @@ def _check_triple(name: str, value: Any, positive: bool) -> tuple[float, ...]:
     return out * 3 if len(out) == 1 else out
 
 
-def resolve_preprocessing(model: nn.Module, folder: str | None = None, *, source: str | None = None,
-                          mean: Any = None, std: Any = None, crop_pct: float | None = None,
-                          interpolation: str | None = None, img_size: int | None = None) -> Preprocessing:
-    """The preprocessing of ``model`` (from ``folder``'s ``preprocessor_config.json`` for a
-    transformers model, else timm's data config), with the given values overriding it."""
-    from .patch import is_transformers_model
-
-    if folder is not None or is_transformers_model(model):
-        prep = from_transformers_folder(folder, model) if folder else Preprocessing(
-            _model_size(model) or 224, IMAGENET_MEAN, IMAGENET_STD, "bicubic", 0.875,
-            "ImageNet defaults: no transformers folder given")
-    else:
-        prep = from_timm(model, source)
+def check_overrides(mean: Any = None, std: Any = None, crop_pct: Any = None, interpolation: Any = None,
+                    img_size: Any = None) -> dict[str, Any]:
+    """The given overrides (None: not given), checked and normalised; :class:`PreprocessError`
+    names the first bad one."""
     forced = {}
     if mean is not None:
         forced["mean"] = _check_triple("mean", mean, positive=False)
@@ -160,6 +168,28 @@ def resolve_preprocessing(model: nn.Module, folder: str | None = None, *, source
         if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1:
             raise PreprocessError(f"img_size={img_size!r} is not allowed; expected a positive integer")
         forced["img_size"] = img_size
+    return forced
+
+
+def resolve_preprocessing(model: nn.Module, folder: str | None = None, *, run: dict[str, Any] | None = None,
+                          source: str | None = None, mean: Any = None, std: Any = None,
+                          crop_pct: float | None = None, interpolation: str | None = None,
+                          img_size: int | None = None) -> Preprocessing:
+    """The preprocessing of ``model``: its training run's data for weights of a run (``run``, the
+    run's ``meta.json``), ``folder``'s ``preprocessor_config.json`` for a transformers model,
+    else timm's data config; the given values override it."""
+    from .patch import is_transformers_model
+
+    if run:
+        prep = from_run(run, model)
+    elif folder is not None or is_transformers_model(model):
+        prep = from_transformers_folder(folder, model) if folder else Preprocessing(
+            _model_size(model) or 224, IMAGENET_MEAN, IMAGENET_STD, "bicubic", 0.875,
+            "ImageNet defaults: no transformers folder given")
+    else:
+        prep = from_timm(model, source)
+    forced = check_overrides(mean=mean, std=std, crop_pct=crop_pct, interpolation=interpolation,
+                             img_size=img_size)
     if forced:
         prep = replace(prep, **forced, source=f"{prep.source}; overridden: {', '.join(sorted(forced))}")
     return prep

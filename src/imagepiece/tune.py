@@ -493,19 +493,6 @@ def load_model(name: str, checkpoint: str | None = None, pretrained: bool = Fals
     return unpatch(model).eval(), weights, None
 
 
-def num_outputs(model: nn.Module) -> int:
-    """How many class scores the model gives (one forward of a blank image); :class:`TuneError`
-    for a model with no classification head (a CLIP vision tower, a feature model)."""
-    info = describe(model)
-    with torch.inference_mode():
-        out = model(torch.zeros(1, info.in_chans, *info.image_size))
-    logits = getattr(out, "logits", out)
-    if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
-        raise TuneError(f"{type(model).__name__} gives no class scores ({type(out).__name__}); tune needs a "
-                        "classifier whose outputs are the data's classes")
-    return logits.shape[-1]
-
-
 def load_data(kind: str, root: str | None, split: str, prep: Any, max_images: int, num_classes: int,
               seed: int = 0) -> Any:
     """The labelled dataset prepared with ``prep`` (a :class:`~imagepiece.preprocess.Preprocessing`),
@@ -561,7 +548,7 @@ class TuneRequest:
 def run_request(req: TuneRequest, progress: Callable[[int, int, str], None] | None = None) -> TuneResult:
     """Check ``req`` (outputs, options, methods) before any work, load the model and its data with
     the model's own preprocessing, and :func:`tune`. Raises :class:`TuneError`."""
-    from .evaluate import make_eval_loader
+    from .evaluate import make_eval_loader, num_outputs
     from .preprocess import resolve_preprocessing
 
     try:

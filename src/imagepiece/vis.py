@@ -34,11 +34,12 @@ class VisError(AnalysisError):
     """A clear, user-facing problem with an image, the model or a method."""
 
 
-def load_image(path: str, size: tuple[int, int], mean: Sequence[float], std: Sequence[float]
-               ) -> tuple[np.ndarray, torch.Tensor]:
+def load_image(path: str, size: tuple[int, int], mean: Sequence[float], std: Sequence[float],
+               interpolation: str = "bicubic") -> tuple[np.ndarray, torch.Tensor]:
     """(RGB array in [0, 1] of the model's input size, normalised tensor (1, 3, H, W)).
 
-    The shorter side is resized to the model size (bicubic) and the centre is cropped.
+    The shorter side is resized to the model size (with ``interpolation``, a PIL filter name)
+    and the centre is cropped, so the whole image the figure shows is what the model sees.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -57,7 +58,7 @@ def load_image(path: str, size: tuple[int, int], mean: Sequence[float], std: Seq
     H, W = size
     scale = max(H / rgb.height, W / rgb.width)
     rw, rh = max(W, round(rgb.width * scale)), max(H, round(rgb.height * scale))
-    rgb = rgb.resize((rw, rh), Image.Resampling.BICUBIC)
+    rgb = rgb.resize((rw, rh), Image.Resampling[interpolation.upper()])
     left, top = (rw - W) // 2, (rh - H) // 2
     rgb = rgb.crop((left, top, left + W, top + H))
     arr = np.asarray(rgb, dtype=np.float32) / 255.0
@@ -296,10 +297,12 @@ def contact_sheet(paths: Sequence[str], out: str, width: int = 900) -> None:
 
 
 def visualize(model: nn.Module, images: Sequence[str], methods: Sequence[str], out: str,
-              blocks: Sequence[int] | None = None, features: bool = False) -> list[str]:
+              blocks: Sequence[int] | None = None, features: bool = False, prep: Any = None) -> list[str]:
     """Write one PNG per image (and ``contact_sheet.png`` for several); returns the paths.
     ``features`` adds, beside each partition, the block's output unmerged to the full grid
-    (first three principal components as colours).
+    (first three principal components as colours). Images are normalised as ``prep`` says (a
+    :class:`~imagepiece.preprocess.Preprocessing`; None: the model's own, see
+    :func:`~imagepiece.preprocess.resolve_preprocessing`).
 
     ``out`` is a folder, or a ``.png`` file name when there is a single image. Every image,
     method and output path is checked before anything is written.
@@ -310,9 +313,12 @@ def visualize(model: nn.Module, images: Sequence[str], methods: Sequence[str], o
         raise VisError("no method given; e.g. --method tome --method evit --method imagepiece")
     targets = output_paths(images, out)
     size = input_size(model)
-    cfg: dict[str, Any] = getattr(model, "pretrained_cfg", None) or {}
-    mean, std = cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
-    loaded = [(p, *load_image(p, size, mean, std)) for p in images]  # fails before any write
+    if prep is None:
+        from .preprocess import resolve_preprocessing
+
+        prep = resolve_preprocessing(model)
+    loaded = [(p, *load_image(p, size, prep.mean, prep.std, prep.interpolation))  # fails before any write
+              for p in images]
     for m in methods:
         apply_method(model, m)
     blocks = list(blocks) if blocks else default_blocks(model, methods)

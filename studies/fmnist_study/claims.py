@@ -218,8 +218,8 @@ def masking_claim(S: dict[str, Any]) -> dict[str, str]:
     if ip is None or not others:
         return claim(what, paper, "pending", "pending")
     rival = max(others, key=others.get)
-    se = binomial_se_diff(ip, others[rival], n)
-    here = (f"{most} masks: ImagePiece {100 * ip:.1f} vs " + ", ".join(f"{k.split('/')[1]} {100 * v:.1f}"
+    se = 100 * binomial_se_diff(ip / 100, others[rival] / 100, n)  # analyses give top-1 in percent
+    here = (f"{most} masks: ImagePiece {ip:.1f} vs " + ", ".join(f"{k.split('/')[1]} {v:.1f}"
             for k, v in others.items()) + f" (n={n})")
     return claim(what, paper, here, verdict(ip - others[rival], se))
 
