@@ -444,3 +444,24 @@ def test_folder_with_unsafe_pickle_is_refused_in_one_line(tmp_path):
     assert res.exit_code == 2 and "never runs unsafe pickle" in res.output, res.output
     assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
     assert not (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize("family", ["vit", "deit_teacher", "dinov2", "clip"])
+def test_model_r_on_the_top_level_model_and_save_pretrained_keeps_the_class(family, tmp_path):
+    """ToMe's ``model.r = 4`` on a transformers classifier (whose class the patch once left
+    alone, so the assignment silently set a stray attribute), and a folder saved from a patched
+    model naming the original class, so that it loads back."""
+    model = make(family)
+    cls = type(model)
+    imagepiece.patch(model, "tome", r=6)
+    model.r = 2
+    assert model.r == 2
+    assert model.imagepiece.plan == imagepiece.make_plan("tome", DIM["num_hidden_layers"], r=2)
+    model.save_pretrained(tmp_path)
+    config = (tmp_path / "config.json").read_text()
+    assert f'"architectures": [\n    "{cls.__name__}"\n  ]' in config
+    assert type(model).__name__ == f"Reduced{cls.__name__}"  # still patched after saving
+    back = getattr(transformers, cls.__name__).from_pretrained(tmp_path).eval()
+    x = torch.randn(2, 3, DIM["image_size"], DIM["image_size"])
+    with torch.no_grad():
+        assert torch.allclose(main(imagepiece.patch(back, "tome", r=2)(x)), main(model(x)), atol=1e-5)

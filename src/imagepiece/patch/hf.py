@@ -189,7 +189,26 @@ def _checkpointing(tower: nn.Module, layers: nn.ModuleList) -> bool:
             and any(getattr(layer, "gradient_checkpointing", False) for layer in layers))
 
 
-class _ReducedTower(ReducedModule):
+class _ReducedTransformers(ReducedModule):
+    """Base of the transformers mixins: ``save_pretrained`` records the original class in the
+    config's ``architectures``, so a folder saved from a patched model loads (unpatched) with
+    ``from_pretrained``/``AutoModel`` like any other."""
+
+    def save_pretrained(self, *args: Any, **kwargs: Any) -> Any:
+        patched = type(self)
+        self.__class__ = self._imagepiece_original_class
+        try:
+            return self.save_pretrained(*args, **kwargs)
+        finally:
+            self.__class__ = patched
+
+
+class _ReducedClassifier(_ReducedTransformers):
+    """A classifier whose head reads only the class token: the original forward, swapped so that
+    the model itself answers ToMe's ``model.r`` and pickles patched."""
+
+
+class _ReducedTower(_ReducedTransformers):
     """The tower's forward: its embedding, the layers through the runtime, its ending."""
 
     imagepiece: Controller
@@ -239,7 +258,7 @@ class _ReducedCLIPVision(_ReducedTower):
     _kind = _CLIP
 
 
-class _ReducedDinov2Classifier(ReducedModule):
+class _ReducedDinov2Classifier(_ReducedTransformers):
     """DINOv2 classifiers: [class token | size-weighted mean of the patch tokens] -> linear.
     ``return_dict`` (argument or config) is honoured as by the unpatched model: a tuple when off."""
 
@@ -260,22 +279,22 @@ class _ReducedDinov2Classifier(ReducedModule):
 class _Tower(NamedTuple):
     attr: str  # where the tower sits in the model ("" = the model itself)
     mixin: type  # the reduced forward of the tower's class
-    head: type | None  # a reduced head forward, where the head pools patch tokens
+    head: type | None  # the classifier's mixin (a reduced head forward where it pools patch tokens)
 
 
 _TOWERS: dict[str, _Tower] = {
     "ViTModel": _Tower("", _ReducedViTModel, None),
-    "ViTForImageClassification": _Tower("vit", _ReducedViTModel, None),
+    "ViTForImageClassification": _Tower("vit", _ReducedViTModel, _ReducedClassifier),
     "DeiTModel": _Tower("", _ReducedViTModel, None),
-    "DeiTForImageClassification": _Tower("deit", _ReducedViTModel, None),
-    "DeiTForImageClassificationWithTeacher": _Tower("deit", _ReducedViTModel, None),
+    "DeiTForImageClassification": _Tower("deit", _ReducedViTModel, _ReducedClassifier),
+    "DeiTForImageClassificationWithTeacher": _Tower("deit", _ReducedViTModel, _ReducedClassifier),
     "Dinov2Model": _Tower("", _ReducedDinov2Model, None),
     "Dinov2ForImageClassification": _Tower("dinov2", _ReducedDinov2Model, _ReducedDinov2Classifier),
     "Dinov2WithRegistersModel": _Tower("", _ReducedDinov2Model, None),
     "Dinov2WithRegistersForImageClassification": _Tower("dinov2_with_registers", _ReducedDinov2Model,
                                                         _ReducedDinov2Classifier),
     "CLIPVisionModel": _Tower("", _ReducedCLIPVision, None),
-    "CLIPVisionModelWithProjection": _Tower("vision_model", _ReducedCLIPVision, None),
+    "CLIPVisionModelWithProjection": _Tower("vision_model", _ReducedCLIPVision, _ReducedClassifier),
 }
 
 _TOWER_CLASSES = {"ViTModel", "DeiTModel", "Dinov2Model", "Dinov2WithRegistersModel", "CLIPVisionModel"}
