@@ -8,7 +8,7 @@ import os
 import pytest
 from typer.testing import CliRunner
 
-from imagepiece import bench, bench_report
+from imagepiece import bench, options
 from imagepiece.cli import app
 
 TINY_ARGS = ["--model", "vit_tiny_patch16_224", "--model-arg", "img_size=32", "--model-arg",
@@ -63,7 +63,7 @@ def test_read_only_folder_for_real(tmp_path):
     ro.mkdir()
     ro.chmod(0o555)
     try:
-        assert "not writable" in bench_report.output_problem(str(ro / "r.json"), "--json")
+        assert "not writable" in options.output_problem(str(ro / "r.json"), "--json")
     finally:
         ro.chmod(0o755)
 

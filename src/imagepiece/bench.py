@@ -41,7 +41,6 @@ import contextlib
 import copy
 import dataclasses
 import difflib
-import os
 import random
 import statistics
 from collections.abc import Callable, Sequence
@@ -51,7 +50,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .bench_report import NOISY_IQR, output_problem, render, write_csv, write_json, write_plot
+from .bench_report import NOISY_IQR, render, write_csv, write_json, write_plot
 from .distributed import DeviceError, resolve_device
 from .measure import (
     BACKENDS,
@@ -82,7 +81,6 @@ __all__ = [
     "BenchError",
     "BenchResult",
     "VariantResult",
-    "check_outputs",
     "render",
     "run_benchmark",
     "write_csv",
@@ -438,24 +436,6 @@ def _check_backends(config: BenchConfig, devices: list[str], dtypes: list[str]) 
             raise BenchError(f"unknown torch.compile backend {config.compile_backend!r}; allowed: "
                              f"{', '.join(known)}")
     return backends
-
-
-def check_outputs(json_path: str | None = None, csv_path: str | None = None,
-                  plot_path: str | None = None) -> None:
-    """Raise :class:`BenchError` for an output path that cannot be written (a directory, a file
-    in the way of a folder, a read-only folder, an unsupported plot extension, one file for two
-    outputs). Writes nothing; run it before any timing."""
-    given = [(o, p) for o, p in (("--json", json_path), ("--csv", csv_path), ("--plot", plot_path))
-             if p is not None]
-    seen: dict[str, str] = {}
-    for option, path in given:
-        problem = output_problem(path, option)
-        if problem:
-            raise BenchError(problem)
-        full = os.path.realpath(path)
-        if full in seen:
-            raise BenchError(f"{seen[full]} and {option} both name {path!r}; give two files")
-        seen[full] = option
 
 
 # --------------------------------------------------------------------------------------

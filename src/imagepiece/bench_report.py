@@ -11,7 +11,7 @@ from typing import Any
 
 from .options import json_safe
 
-__all__ = ["NOISY_IQR", "output_problem", "render", "write_csv", "write_json", "write_plot"]
+__all__ = ["NOISY_IQR", "render", "write_csv", "write_json", "write_plot"]
 
 #: An img/s interquartile range wider than this share of the median is flagged as noisy.
 NOISY_IQR = 0.10
@@ -27,35 +27,6 @@ _CSV_FIELDS = ["label", "plan", "knobs", "mode", "backend", "device", "dtype", "
 # --------------------------------------------------------------------------------------
 # Output paths, checked before any timing
 # --------------------------------------------------------------------------------------
-
-
-def plot_formats() -> list[str]:
-    from matplotlib.backend_bases import FigureCanvasBase
-
-    return sorted(FigureCanvasBase.get_supported_filetypes())
-
-
-def output_problem(path: str, option: str) -> str | None:
-    """Why ``path`` cannot be written as the output of ``option`` (``--json``, ``--csv``,
-    ``--plot``), or None. Writes nothing; missing folders are fine (they are created)."""
-    if not str(path).strip():
-        return f"{option} is empty; expected a file name"
-    full = os.path.abspath(path)
-    if os.path.isdir(full):
-        return f"{option} {path!r} is a directory; expected a file name inside it"
-    if option == "--plot":
-        ext = os.path.splitext(full)[1].lower().lstrip(".")
-        formats = plot_formats()
-        if ext not in formats:
-            return (f"{option} {path!r} has an unsupported extension {repr('.' + ext) if ext else '(none)'}; "
-                    f"allowed: {', '.join('.' + f for f in formats)}")
-    from .options import OptionError, check_output_file
-
-    try:
-        check_output_file(path, option)
-    except OptionError as e:
-        return str(e)
-    return None
 
 
 # --------------------------------------------------------------------------------------

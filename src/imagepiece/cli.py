@@ -95,9 +95,10 @@ def bench(
     """Speed of reduction plans against the unmodified model, interleaved in one process:
     inference or training steps, throughput or latency, eager, compiled or ONNX Runtime."""
     from . import bench as B
+    from .options import OptionError, check_outputs
 
     try:
-        B.check_outputs(json_path, csv_path, plot_path)
+        check_outputs(json_path, csv_path, plot_path)
         config = B.BenchConfig(
             model=model, methods=tuple(method) if method else B.DEFAULT_METHODS,
             keep_rates=tuple(keep_rate or ()), rs=tuple(r or ()),
@@ -109,7 +110,7 @@ def bench(
             grad_checkpointing=grad_checkpointing, busy_check=busy_check,
         )
         result = _bench_run(config)
-    except B.BenchError as e:
+    except (B.BenchError, OptionError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     B.render(result)
@@ -303,14 +304,12 @@ def eval_(
 
     from . import evaluate as E
     from .distributed import check_device
-    from .options import check_output_file, check_threads
+    from .options import check_outputs, check_threads
 
     try:  # before any work: nothing is computed for a run whose result cannot be kept
         check_threads(threads)
         check_device(device, "--device")
-        for path, option in ((json_path, "--json"), (csv_path, "--csv")):
-            if path is not None:
-                check_output_file(path, option)
+        check_outputs(json_path, csv_path)
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None

@@ -12,8 +12,8 @@ import tempfile
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["OptionError", "check_count", "check_output_dir", "check_output_file", "check_threads",
-           "json_safe", "parse_bool"]
+__all__ = ["OptionError", "check_count", "check_output_dir", "check_output_file", "check_outputs",
+           "check_threads", "json_safe", "output_problem", "parse_bool", "plot_formats"]
 
 TRUE_WORDS = ("true", "yes", "on")
 FALSE_WORDS = ("false", "no", "off")
@@ -97,6 +97,52 @@ def check_output_dir(path: Any, option: str) -> str:
         raise OptionError(f"{option} {path!r} is not a folder name")
     _check_writable_folder(_nearest_existing(path), option, path)
     return path
+
+
+def plot_formats() -> list[str]:
+    """The figure file types matplotlib can write (``png``, ``pdf``, ``svg``, ...)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return sorted(FigureCanvasBase.get_supported_filetypes())
+
+
+def output_problem(path: str, option: str) -> str | None:
+    """Why ``path`` cannot be written as the output of ``option`` (``--json``, ``--csv``,
+    ``--plot``), or None. Writes nothing; missing folders are fine (they are created)."""
+    if not str(path).strip():
+        return f"{option} is empty; expected a file name"
+    full = os.path.abspath(path)
+    if os.path.isdir(full):
+        return f"{option} {path!r} is a directory; expected a file name inside it"
+    if option == "--plot":
+        ext = os.path.splitext(full)[1].lower().lstrip(".")
+        formats = plot_formats()
+        if ext not in formats:
+            return (f"{option} {path!r} has an unsupported extension {repr('.' + ext) if ext else '(none)'}; "
+                    f"allowed: {', '.join('.' + f for f in formats)}")
+    try:
+        check_output_file(path, option)
+    except OptionError as e:
+        return str(e)
+    return None
+
+
+def check_outputs(json_path: str | None = None, csv_path: str | None = None,
+                  plot_path: str | None = None) -> None:
+    """Raise :class:`OptionError` for an output path that cannot be written (a directory, a file
+    in the way of a folder, a read-only folder, an unsupported plot extension, one file for two
+    outputs). Writes nothing; run it before any work."""
+    given = [(o, p) for o, p in (("--json", json_path), ("--csv", csv_path), ("--plot", plot_path))
+             if p is not None]
+    seen: dict[str, str] = {}
+    for option, path in given:
+        problem = output_problem(path, option)
+        if problem:
+            raise OptionError(problem)
+        full = os.path.realpath(path)
+        if full in seen:
+            raise OptionError(f"{seen[full]} and {option} both name {path!r}; give two files")
+        seen[full] = option
 
 
 def json_safe(value: Any) -> Any:

@@ -30,11 +30,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-# bench's output-path check, shared so tune refuses the paths bench refuses
-from .bench import check_outputs
 from .distributed import check_device
 from .evaluate import evaluate_model
 from .measure import BACKENDS, DTYPES, build, check_dtype, count_gmacs, time_interleaved
+
+# bench's output-path check, shared so tune refuses the paths bench refuses
+from .options import check_outputs
 from .patch import describe, patch, unpatch
 from .plan import format_method, parse_method, preset_knobs
 

@@ -196,7 +196,7 @@ class _ReducedTransformers(ReducedModule):
 
     def save_pretrained(self, *args: Any, **kwargs: Any) -> Any:
         patched = type(self)
-        self.__class__ = self._imagepiece_original_class
+        self.__class__ = original_class(self)
         try:
             return self.save_pretrained(*args, **kwargs)
         finally:
