@@ -320,3 +320,33 @@ def test_cli_tune_dry_run_on_synthetic_data_with_a_timm_name(tmp_path):
     data = json.loads((tmp_path / "t.json").read_text())
     assert [r["preset"] for r in data["rows"]] == ["none", "tome"]
     assert "mean (0.5" in data["setup"]["preprocessing"]
+
+
+def test_cli_tune_on_a_transformers_folder_and_the_printed_line_applies_the_plan(tmp_path):
+    """The README's second example: a transformers folder on an image folder, with the chosen
+    plan's Python line pasted as printed."""
+    import re
+
+    from PIL import Image
+
+    T = pytest.importorskip("transformers")
+    T.ViTForImageClassification(T.ViTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                                            image_size=32, patch_size=4, intermediate_size=64,
+                                            num_labels=2)).save_pretrained(tmp_path / "vit")
+    for c, colour in (("cat", (200, 20, 20)), ("dog", (20, 20, 200))):
+        (tmp_path / "val" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (40, 40), colour).save(tmp_path / "val" / c / f"{i}.png")
+    plot = tmp_path / "t.png"
+    res = _run(["--model", str(tmp_path / "vit"), "--dataset", "imagefolder", "--data", str(tmp_path),
+                "--split", "val", "--max-images", "6", "--runs", "1", "--points", "2", "--refine", "0",
+                "--method", "tome", "--max-drop", "100", "--plot", str(plot)])
+    assert res.exit_code == 0, res.output
+    assert "no preprocessor_config.json" in res.output and plot.stat().st_size > 1000
+    line = re.search(r'imagepiece\.patch\(model, "[^"]+"\)', res.output).group(0)
+    model = T.ViTForImageClassification.from_pretrained(tmp_path / "vit")
+    exec(line, {"imagepiece": imagepiece, "model": model})
+    spec = line.split('"')[1]  # which row wins depends on the measured speeds: any row's line must work
+    assert spec == "none" or spec.startswith("tome:r=")
+    assert model.imagepiece.plan == imagepiece.patch(T.ViTForImageClassification.from_pretrained(
+        tmp_path / "vit"), spec).imagepiece.plan
