@@ -74,3 +74,43 @@ def test_coherence_with_reduction_trains():
     loss = model(torch.randn(4, 3, 64, 64)).logsumexp(-1).mean()
     loss.backward()
     assert model.patch_embed.proj.convs[0].weight.grad.abs().sum() > 0
+
+
+def _stem_with_statistics():
+    torch.manual_seed(0)
+    stem = CoherenceStem(3, 32, 4)
+    with torch.no_grad():
+        for m in stem.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_()
+                m.bias.normal_()
+    return stem
+
+
+def test_eval_folds_each_batchnorm_into_its_convolution():
+    """In eval mode the stem runs each BatchNorm folded into its convolution: the same function
+    (up to rounding) with one pass over the activations fewer per stage; training is untouched."""
+    stem, x = _stem_with_statistics(), torch.randn(3, 3, 32, 32)
+    unfolded = lambda m, x: m.out(torch.nn.Sequential(*m.convs)(x))  # noqa: E731  the layers one by one
+    with torch.no_grad():
+        stem.eval()
+        folded = stem(x)
+        reference = unfolded(stem, x)
+        calls = []
+        hooks = [m.register_forward_hook(lambda *a: calls.append(1))
+                 for m in stem.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        stem(x)
+        assert not calls  # BatchNorm did not run: it was folded
+        for h in hooks:
+            h.remove()
+        assert torch.allclose(folded, reference, atol=1e-5) and not torch.equal(folded, reference * 0)
+        stem.train()
+        assert torch.equal(stem(x), unfolded(stem, x))  # batch statistics, as before
+
+
+def test_folded_stem_compiles_without_graph_breaks():
+    stem = _stem_with_statistics().eval()
+    explained = torch._dynamo.explain(stem)(torch.randn(2, 3, 32, 32))
+    assert explained.graph_break_count == 0 and explained.graph_count == 1

@@ -16,6 +16,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 __all__ = ["COHERENCE_MODES", "CoherenceStem", "ResidualCoherence", "add_coherence", "coherence_mode"]
 
@@ -54,7 +55,31 @@ class CoherenceStem(nn.Module):
         self.patch_size = patch_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.convs(x))
+        if self.training:
+            return self.out(self.convs(x))
+        # Inference: each BatchNorm folded into its convolution, one pass over the activations
+        # fewer per stage; the same function up to float rounding.
+        layers = list(self.convs)
+        for conv, bn, act in zip(layers[::3], layers[1::3], layers[2::3], strict=True):
+            if bn.running_var is None:  # batch statistics even in eval: nothing to fold
+                x = act(bn(conv(x)))
+                continue
+            w, b = _fold_batchnorm(conv.weight, bn)
+            x = act(F.conv2d(x, w, b, conv.stride, conv.padding))
+        return self.out(x)
+
+
+def _fold_batchnorm(weight: torch.Tensor, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of a bias-free convolution followed by ``bn`` in eval mode, as one
+    convolution. (torch.nn.utils.fusion.fuse_conv_bn_weights returns new ``nn.Parameter``s,
+    which a compiled graph cannot create on every call.)"""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    bias = -bn.running_mean * scale
+    if bn.bias is not None:
+        bias = bias + bn.bias
+    return weight * scale.reshape(-1, 1, 1, 1), bias
 
 
 class ResidualCoherence(nn.Conv2d):
