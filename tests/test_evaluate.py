@@ -188,7 +188,7 @@ def test_shipped_table_fits_80_columns():
 # --------------------------------------------------------------------------------------
 
 IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-SHIPPED = dict(model="shipped:baseline", methods=("none",), dataset="fashion-mnist", split="test",
+SHIPPED = dict(model="shipped:baseline", methods=("none",), split="test",  # Fashion-MNIST by default
                max_images=300, workers=0, batch_size=100, timing_runs=0)
 
 

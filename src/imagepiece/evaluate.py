@@ -196,7 +196,8 @@ def evaluate_plans(cfg: EvalConfig, progress: Any = None) -> dict[str, Any]:
     run, model_name = _model_name(cfg)
     parsed = [(spec, parse_method(spec)[0]) for spec in cfg.methods]
     saved = run.get("config") or {}
-    dataset = cfg.dataset or saved.get("dataset") or "imagefolder"
+    shipped = model_name.startswith(SHIPPED_PREFIX)  # trained on Fashion-MNIST: its data by default
+    dataset = cfg.dataset or saved.get("dataset") or ("fashion-mnist" if shipped else "imagefolder")
     data_root = cfg.data_root or (saved.get("data_root") if dataset == saved.get("dataset") else None)
     joined = dist.is_available() and dist.is_initialized()
     info = setup_distributed(cfg.device)
