@@ -121,7 +121,7 @@ CASES = [
      "model_kwargs"),
     # item 10: output paths
     ("train_output_under_file", [*TRAIN, "-o", "{r}/afile/runs"], "is a file"),
-    ("eval_json_is_dir", [*EVAL, "--json", "{r}/adir.json"], "is a folder"),
+    ("eval_json_is_dir", [*EVAL, "--json", "{r}/adir.json"], "is a directory"),
     ("eval_json_under_file", [*EVAL, "--json", "{r}/afile/r.json"], "is a file"),
     ("visualize_out_under_file", ["visualize", "{r}/a/x.png", *DEPTH4, "--model-arg", "img_size=32",
                                   "--out", "{r}/afile/v"], "is a file"),
