@@ -346,3 +346,28 @@ def test_threads_option_sets_the_calls_threads_and_refuses_nonsense(tmp_path):
     assert default.cfg.threads == CONFIGS["smoke"].threads
     with pytest.raises(fashion_mnist.StudyError, match="--threads 0"):
         fashion_mnist.make_study(fashion_mnist.parse(["--threads", "0"]))
+
+
+def test_scratch_table_pairs_arms_and_stands_in_the_imagepiece_stem_control():
+    """The from-scratch table pairs each arm with EViT and the stem baseline on the same images;
+    while ImagePiece's arm waits for the second tuning round, its stem control (same training,
+    default knobs) stands in under a label that says so, and pairs like an arm."""
+    from fmnist_study.summary import scratch_table
+
+    rng = np.random.default_rng(0)
+    def rec(kind, group, point, row, acc):
+        return {"kind": kind, "group": group, "point": point, "row": row, "gmacs": 0.02, "speedup": None,
+                "spec": group, "test_top1": acc, "val_top1": acc}
+    table = [rec("from-scratch", "none", "-", "from-scratch/none/-/s0", 90.0),
+             rec("from-scratch", "evit", "k07", "from-scratch/evit/k07/s0", 89.0),
+             rec("control", "imagepiece-stem", "k07", "control/imagepiece-stem/k07", 91.0)]
+    vectors = {t["row"]: rng.random(2000) < t["test_top1"] / 100 for t in table}
+    S = {"table": table, "vectors": vectors, "pooled": {"from-scratch": 0.2, "fine-tuned": 0.2}}
+    rows = {r["arm"]: r for r in scratch_table(S)}
+    ip = rows["imagepiece (stem control, default knobs: pending the 2nd tuning round)"]
+    diff = 100 * (vectors["control/imagepiece-stem/k07"].mean() - vectors["from-scratch/evit/k07/s0"].mean())
+    assert ip["vs_evit_diff"] == pytest.approx(diff) and ip["vs_evit_lo"] < diff < ip["vs_evit_hi"]
+    assert rows["evit"]["vs_evit_diff"] is None and rows["evit"]["vs_stem_baseline_diff"] is not None
+    table.append(rec("from-scratch", "imagepiece", "k07", "from-scratch/imagepiece/k07/s0", 91.0))
+    vectors["from-scratch/imagepiece/k07/s0"] = vectors["control/imagepiece-stem/k07"]
+    assert [r["arm"] for r in scratch_table(S)] == ["none", "evit", "imagepiece"]  # the arm replaces it
