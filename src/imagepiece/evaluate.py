@@ -162,18 +162,16 @@ SHIPPED_PREFIX = "shipped:"
 def num_outputs(model: nn.Module) -> int:
     """How many class scores the model gives (one forward of a blank image); :class:`EvalError`
     for a model with no classification head (a CLIP vision tower, a feature model)."""
+    from .analysis import model_device
+
     info = describe(model)
     with torch.inference_mode():
-        out = model(torch.zeros(1, info.in_chans, *info.image_size, device=_device_of(model)))
+        out = model(torch.zeros(1, info.in_chans, *info.image_size, device=model_device(model)))
     logits = getattr(out, "logits", out)
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
         raise EvalError(f"{type(model).__name__} gives no class scores ({type(out).__name__}); scoring needs "
                         "a classifier whose outputs are the data's classes")
     return logits.shape[-1]
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def evaluate_plans(cfg: EvalConfig, progress: Any = None) -> dict[str, Any]:
