@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 __all__ = [
     "DATASET_KINDS",
     "DataError",
+    "default_normalization",
     "FashionMNIST",
     "ImageFolderDataset",
     "SyntheticDataset",
@@ -397,6 +398,15 @@ def split_dir(root: str, split: str) -> str:
                     f"{' or '.join(SPLIT_FOLDERS[split])}{hint}")
 
 
+def default_normalization(kind: str) -> tuple[tuple[float, ...], tuple[float, ...], float]:
+    """(mean, std, eval crop fraction) that ``build_dataset`` uses for ``kind`` when the
+    transform config sets none: Fashion-MNIST's own statistics and no crop (nothing to crop
+    around a centred garment), ImageNet's and the DeiT crop (0.875) otherwise."""
+    if kind == "fashion-mnist":
+        return FASHION_MEAN, FASHION_STD, 1.0
+    return IMAGENET_MEAN, IMAGENET_STD, 0.875
+
+
 def build_dataset(kind: str, root: str | None = None, split: str = "train", img_size: int = 224,
                   train_transform: bool | None = None, transform_cfg: TransformConfig | None = None,
                   strict: bool = False, num_classes: int = 10, length: int | None = None,
@@ -412,11 +422,9 @@ def build_dataset(kind: str, root: str | None = None, split: str = "train", img_
     if split not in SPLITS:
         raise DataError(f"split={split!r}; allowed: {', '.join(SPLITS)}")
     is_training = split == "train" if train_transform is None else train_transform
+    tf = build_transform(img_size, is_training, transform_cfg, *default_normalization(kind))
     if kind == "fashion-mnist":
-        root = root or default_fashion_root(split)
-        tf = build_transform(img_size, is_training, transform_cfg, FASHION_MEAN, FASHION_STD, 1.0)
-        return FashionMNIST(root, split, transform=tf)
-    tf = build_transform(img_size, is_training, transform_cfg)
+        return FashionMNIST(root or default_fashion_root(split), split, transform=tf)
     if kind == "synthetic":
         # Train and val share the class layouts (same seed) but not the samples (other noise).
         length = length if length is not None else (512 if split == "train" else 128)  # 0 is refused

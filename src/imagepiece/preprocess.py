@@ -25,7 +25,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from .data import FASHION_MEAN, FASHION_STD, IMAGENET_MEAN, IMAGENET_STD, TransformConfig
+from .data import IMAGENET_MEAN, IMAGENET_STD, TransformConfig, default_normalization
 
 __all__ = ["INTERPOLATIONS", "Preprocessing", "PreprocessError", "check_overrides", "from_run", "from_timm",
            "from_transformers_folder", "resolve_preprocessing"]
@@ -86,16 +86,14 @@ def from_timm(model: nn.Module, source: str | None = None) -> Preprocessing:
 
 def from_run(meta: dict[str, Any], model: nn.Module | None = None) -> Preprocessing:
     """The eval transform of the data a training run used (``meta`` is its checkpoint's
-    ``meta.json``, see :func:`imagepiece.checkpoint.run_meta`): ``build_dataset`` normalises
-    Fashion-MNIST with its own statistics and everything else with ImageNet's."""
+    ``meta.json``, see :func:`imagepiece.checkpoint.run_meta`), with the normalisation
+    ``build_dataset`` gave that data (:func:`imagepiece.data.default_normalization`)."""
     cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
     dataset = cfg.get("dataset") or "imagefolder"
-    fashion = dataset == "fashion-mnist"
+    mean, std, crop = default_normalization(dataset)
     size = meta.get("img_size") or cfg.get("img_size") or (_model_size(model) if model is not None else None)
-    crop = cfg.get("crop_pct") or (1.0 if fashion else 0.875)
-    return Preprocessing(int(size or 224), FASHION_MEAN if fashion else IMAGENET_MEAN,
-                         FASHION_STD if fashion else IMAGENET_STD, str(cfg.get("interpolation") or "bicubic"),
-                         float(crop), f"the training run's data ({dataset})")
+    return Preprocessing(int(size or 224), mean, std, str(cfg.get("interpolation") or "bicubic"),
+                         float(cfg.get("crop_pct") or crop), f"the training run's data ({dataset})")
 
 
 def _edge(value: Any) -> int | None:
