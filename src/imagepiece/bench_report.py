@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Any
 
 from .options import json_safe
@@ -65,7 +64,7 @@ def write_plot(result: Any, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .checkpoint import atomic_write
+    from .checkpoint import atomic_savefig
 
     fig, ax = plt.subplots(figsize=(7, 5))
     for key, vs in _groups(result).items():
@@ -88,11 +87,7 @@ def write_plot(result: Any, path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fmt = os.path.splitext(path)[1].lower().lstrip(".") or None
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=fmt))
-    finally:
-        plt.close(fig)
+    atomic_savefig(fig, path)
 
 
 # --------------------------------------------------------------------------------------

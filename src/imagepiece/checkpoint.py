@@ -99,6 +99,18 @@ def atomic_write_csv(path: str, fields: Sequence[str], rows: Iterable[Mapping[st
     atomic_write(path, write)
 
 
+def atomic_savefig(fig: Any, path: str, dpi: int = 120) -> None:
+    """Save a matplotlib figure through :func:`atomic_write` (file type from the extension) and
+    close it, written or not."""
+    import matplotlib.pyplot as plt
+
+    fmt = os.path.splitext(path)[1].lower().lstrip(".") or None
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=fmt))
+    finally:
+        plt.close(fig)
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)

@@ -652,14 +652,12 @@ def write_json(result: TuneResult, path: str) -> None:
 def write_plot(result: TuneResult, path: str) -> None:
     """Top-1 against measured speed-up, one curve per method, the unmodified model marked and the
     Pareto rows ringed."""
-    import os
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .checkpoint import atomic_write
+    from .checkpoint import atomic_savefig
 
     fig, ax = plt.subplots(figsize=(7, 5))
     done = [r for r in result.rows if r.top1 is not None and r.speedup is not None]
@@ -685,8 +683,4 @@ def write_plot(result: TuneResult, path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fmt = os.path.splitext(path)[1].lower().lstrip(".") or None
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=fmt))
-    finally:
-        plt.close(fig)
+    atomic_savefig(fig, path)
