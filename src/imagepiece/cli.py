@@ -114,8 +114,13 @@ def bench(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     B.render(result)
-    for path, write in ((json_path, B.write_json), (csv_path, B.write_csv),
-                        (plot_path, B.write_plot)):
+    _write_outputs(result, ((json_path, B.write_json), (csv_path, B.write_csv), (plot_path, B.write_plot)))
+
+
+def _write_outputs(result, writers) -> None:
+    """Each ``(path, write)`` with a path: ``write(result, path)``, then say so; a file that
+    cannot be written is one line and exit 1."""
+    for path, write in writers:
         if path:
             try:
                 write(result, path)
@@ -336,7 +341,7 @@ def eval_(
         raise typer.Exit(2) from None
     if result["rank"] == 0:
         E.render(result)
-        _write_eval_outputs(result, json_path, csv_path)
+        _write_outputs(result, ((json_path, E.write_json), (csv_path, E.write_csv)))
 
 
 def _with_progress(what: str, work):
@@ -361,18 +366,7 @@ def _eval_shipped(data, split, max_images, batch_size, device, json_path, csv_pa
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     E.render_shipped(result)
-    _write_eval_outputs(result, json_path, csv_path)
-
-
-def _write_eval_outputs(result: dict, json_path: str | None, csv_path: str | None) -> None:
-    from . import evaluate as E
-
-    if json_path:
-        E.write_json(result, json_path)
-        typer.echo(f"wrote {json_path}")
-    if csv_path:
-        E.write_csv(result, csv_path)
-        typer.echo(f"wrote {csv_path}")
+    _write_outputs(result, ((json_path, E.write_json), (csv_path, E.write_csv)))
 
 
 @app.command()
