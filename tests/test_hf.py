@@ -6,6 +6,7 @@ DINOv2 (LayerScale), DINOv2 with registers and CLIP's vision tower.
 
 import copy
 import io
+import json
 import pickle
 import sys
 import warnings
@@ -458,8 +459,7 @@ def test_model_r_on_the_top_level_model_and_save_pretrained_keeps_the_class(fami
     assert model.r == 2
     assert model.imagepiece.plan == imagepiece.make_plan("tome", DIM["num_hidden_layers"], r=2)
     model.save_pretrained(tmp_path)
-    config = (tmp_path / "config.json").read_text()
-    assert f'"architectures": [\n    "{cls.__name__}"\n  ]' in config
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [cls.__name__]
     assert type(model).__name__ == f"Reduced{cls.__name__}"  # still patched after saving
     back = getattr(transformers, cls.__name__).from_pretrained(tmp_path).eval()
     x = torch.randn(2, 3, DIM["image_size"], DIM["image_size"])
