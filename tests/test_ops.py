@@ -100,3 +100,36 @@ def test_class_attention_is_a_distribution_over_all_tokens():
     assert torch.allclose(s, full, atol=1e-6)
     s_mean = ops.class_attention(q, k, 0.5, 0, False)
     assert s_mean.shape == (2, 10) and torch.allclose(s_mean.sum(1), torch.ones(2), atol=1e-5)
+
+
+def test_one_image_decisions_equal_the_batched_ones():
+    """Batch 1 takes a shorter indexing path; each image must get what it gets in a batch."""
+    torch.manual_seed(0)
+    metric, x = torch.randn(3, 21, 8), torch.randn(3, 21, 5)
+    size = torch.rand(3, 21) + 0.5
+    scores = torch.rand(3, 20)
+    batched = ops.bipartite_matching(metric, 6, 1)
+    bx, bsize = ops.merge_weighted(batched, x, size)
+    sel = ops.prune_select(scores, 1, 12)
+    fused = ops.apply_select(sel, x, "weighted")
+    for i in range(3):
+        one = ops.bipartite_matching(metric[i:i + 1], 6, 1)
+        for a, b in zip(one, batched, strict=True):
+            assert torch.equal(a, b[i:i + 1])
+        ox, osize = ops.merge_weighted(one, x[i:i + 1], size[i:i + 1])
+        assert torch.equal(ox, bx[i:i + 1]) and torch.equal(osize, bsize[i:i + 1])
+        one_sel = ops.prune_select(scores[i:i + 1], 1, 12)
+        assert torch.equal(ops.apply_select(one_sel, x[i:i + 1], "weighted"), fused[i:i + 1])
+
+
+def test_prefix_tokens_never_match_even_when_most_similar():
+    """Prefix tokens are left out of the matching (not masked): a class token identical to
+    a patch token must neither merge nor receive."""
+    torch.manual_seed(1)
+    metric = torch.randn(2, 12, 4)
+    metric[:, 0] = metric[:, 1]  # class token (A side) identical to token 1 (B side)
+    metric[:, 2] = metric[:, 1] * 2  # token 2 (A) also matches token 1
+    idx = ops.bipartite_matching(metric, 1, 1)
+    assert idx.src.tolist() == [[2], [2]]
+    assert (idx.dst[torch.arange(2), idx.dst_slot[:, 0]] == 1).all()
+    assert (idx.keep[:, 0] == 0).all()

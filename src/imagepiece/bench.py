@@ -68,6 +68,7 @@ from .measure import (
     steady_allocator,
     time_interleaved,
 )
+from .measure.profile import ProfileRow, profile_forward
 from .patch import describe, is_transformers_path, load_transformers, patch, set_grad_checkpointing, unpatch
 from .plan import PRESETS, MethodError, format_method, knob_names, make_plan, parse_method
 
@@ -81,8 +82,10 @@ __all__ = [
     "BenchError",
     "BenchResult",
     "VariantResult",
+    "ProfileResult",
     "render",
     "run_benchmark",
+    "run_profile",
     "write_csv",
     "write_json",
     "write_plot",
@@ -646,3 +649,61 @@ def _add_limit(v: VariantResult, setup: _Setup, times: dict, errors: dict,
         if v.limit_speedup is not None:
             v.efficiency = v.speedup / v.limit_speedup
         v.efficiency_best = min(lt) / min(v.times)
+
+
+# --------------------------------------------------------------------------------------
+# Profile: where a forward pass spends its time
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class ProfileResult:
+    """``imagepiece bench --profile``: per plan, the parts of one forward pass
+    (:func:`imagepiece.measure.profile.profile_forward`)."""
+
+    config: dict[str, Any]
+    machine: dict[str, Any]
+    rows: dict[str, list[ProfileRow]]  # plan label -> parts
+    gmacs: dict[str, float]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"config": self.config, "machine": self.machine, "gmacs": self.gmacs,
+                "profile": {label: [dataclasses.asdict(r) for r in rows]
+                            for label, rows in self.rows.items()}}
+
+
+def run_profile(config: BenchConfig, progress: Callable[[int, int, str], None] | None = None
+                ) -> ProfileResult:
+    """Profile ``config.runs`` forward passes of every plan with ``torch.profiler`` (CPU, eager,
+    inference, the first batch size and thread count): milliseconds and ATen operations of the
+    block compute and of each part of the reduction. Raises :class:`BenchError` first for a
+    request it cannot profile."""
+    req = _validate(config)
+    asked = {"--mode": (config.mode, "inference"), "--device": (req.devices[0], "cpu"),
+             "--backend": (req.backends[0], "eager"), "--dtype": (req.dtypes[0], "fp32")}
+    for flag, (value, allowed) in asked.items():
+        if value != allowed:
+            raise BenchError(f"--profile times CPU ops of eager fp32 inference; got {flag} {value} "
+                             f"(allowed: {allowed})")
+    if config.amp:
+        raise BenchError("--profile times CPU ops of eager fp32 inference; --amp is not allowed")
+    base, _ = _create_model(dataclasses.replace(config, limit=False))
+    gen = torch.Generator().manual_seed(config.seed)
+    setup = _setup(dataclasses.replace(config, limit=False), base, gen)
+    batch, threads = req.batches[0], req.threads[0]
+    x = torch.randn(batch, *setup.image, generator=gen)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    rows: dict[str, list[ProfileRow]] = {}
+    try:
+        for i, (label, model) in enumerate(setup.models.items()):
+            if label == "none":  # the runtime with a plan that reduces nothing labels its blocks
+                model = patch(copy.deepcopy(model), "none")
+            if progress is not None:
+                progress(i, len(setup.models), f"profiling {label}")
+            rows[label] = profile_forward(model.eval(), x, runs=config.runs, warmup=config.warmup)
+    finally:
+        torch.set_num_threads(old)
+    cfg = {"model": config.model, "methods": [m[0] for m in setup.methods], "batch": batch,
+           "threads": threads, "runs": config.runs, "warmup": config.warmup}
+    return ProfileResult(cfg, machine_info(["cpu"]), rows, setup.gmacs)

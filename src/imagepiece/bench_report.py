@@ -10,7 +10,7 @@ from typing import Any
 
 from .options import json_safe
 
-__all__ = ["NOISY_IQR", "render", "write_csv", "write_json", "write_plot"]
+__all__ = ["NOISY_IQR", "render", "render_profile", "write_csv", "write_json", "write_plot"]
 
 #: An img/s interquartile range wider than this share of the median is flagged as noisy.
 NOISY_IQR = 0.10
@@ -253,3 +253,44 @@ def _legend(result: Any, console: Any, latency: bool) -> None:
                   "export s: preparation and first call, never timed. The baseline of each table "
                   "runs through the same backend and mode. On a shared CPU only ratios from one "
                   "run count.")
+
+
+# --------------------------------------------------------------------------------------
+# Profile (--profile)
+# --------------------------------------------------------------------------------------
+
+
+def render_profile(result: Any, console=None) -> None:
+    """One table: a row per part of the forward pass, a column per plan, ``ms (ops)`` each."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(width=170)
+    cfg = result.config
+    table = Table(title=f"{cfg['model']}, batch {cfg['batch']}, {cfg['threads']} thread(s), CPU fp32 "
+                        f"eager: ms per forward pass (ATen ops launched), mean of {cfg['runs']} "
+                        "profiled passes")
+    labels = list(result.rows)
+    table.add_column("part")
+    for label in labels:
+        table.add_column(label, justify="right")
+    parts = [r.part for r in next(iter(result.rows.values()))]
+    for i, part in enumerate(parts):
+        table.add_row(part, *(_cell(result.rows[lb][i].ms, result.rows[lb][i].ops) for lb in labels))
+    for name, keep in (("reduction", lambda r: r.is_reduction), ("total", lambda r: True)):
+        table.add_row(name, *(_cell(sum(r.ms for r in result.rows[lb] if keep(r)),
+                                    sum(r.ops for r in result.rows[lb] if keep(r))) for lb in labels),
+                      style="bold")
+    console.print(table)
+    console.print(
+        "attention/mlp: the block's own compute where a block reduces (attention includes the "
+        "proportional-attention bias inside SDPA); block: whole unreduced blocks; scores: class "
+        "attention; bias: log sizes; matching: ToMe/ImagePiece matching; ranking: EViT top-k; "
+        "state: gathers and scatters of tokens, sizes, centroids and sources; step other: the "
+        "metric (mean key) and size-normalised scores; reduction = scores + bias + matching + "
+        "ranking + state + step other. Profiler times include its own per-op cost: compare "
+        "columns, not with `imagepiece bench`.")
+
+
+def _cell(ms: float, ops: float) -> str:
+    return f"{ms:.2f} ({ops:.0f})" if ops or ms else "-"

@@ -87,6 +87,11 @@ def bench(
     busy_check: bool = typer.Option(True, "--busy-check/--no-busy-check",
                                     help="Watch other processes' CPU use and a calibration "
                                          "kernel; warn when the machine was busy."),
+    profile: bool = typer.Option(False, "--profile",
+                                 help="Instead of timing, profile --runs forward passes per plan "
+                                      "with torch.profiler (CPU, eager, fp32 inference): ms and "
+                                      "ATen ops of the block compute and of each part of the "
+                                      "reduction (docs/benchmarks.md)."),
     json_path: str = typer.Option(None, "--json", help="Write all results as JSON."),
     csv_path: str = typer.Option(None, "--csv", help="Write one CSV row per variant."),
     plot_path: str = typer.Option(None, "--plot",
@@ -109,10 +114,18 @@ def bench(
             mode=mode, latency=latency, calls=calls, backends=tuple(backend), amp=amp,
             grad_checkpointing=grad_checkpointing, busy_check=busy_check,
         )
-        result = _bench_run(config)
+        if profile and (csv_path or plot_path):
+            raise B.BenchError("--profile writes --json only; --csv and --plot are for timings")
+        result = _bench_run(config, B.run_profile if profile else B.run_benchmark)
     except (B.BenchError, OptionError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+    if profile:
+        from .bench_report import render_profile
+
+        render_profile(result)
+        _write_outputs(result, ((json_path, B.write_json),))
+        return
     B.render(result)
     _write_outputs(result, ((json_path, B.write_json), (csv_path, B.write_csv), (plot_path, B.write_plot)))
 
@@ -143,10 +156,8 @@ def _bench_model_args(items: list[str] | None) -> dict:
     return kwargs
 
 
-def _bench_run(config):
+def _bench_run(config, run):
     from rich.progress import Progress
-
-    from . import bench as B
 
     with Progress(transient=True) as bar:
         task = bar.add_task("benchmark", total=None)
@@ -154,7 +165,7 @@ def _bench_run(config):
         def step(done: int, total: int, what: str) -> None:
             bar.update(task, completed=done, total=total, description=what)
 
-        return B.run_benchmark(config, progress=step)
+        return run(config, progress=step)
 
 
 def _key_values(items: list[str] | None, what: str) -> dict:

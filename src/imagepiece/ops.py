@@ -121,6 +121,8 @@ class MergeIndex(NamedTuple):
 
 def _flat_index(idx: torch.Tensor, n: int) -> torch.Tensor:
     """Per-image token indices ``(B, K)`` as row indices into a ``(B * n, C)`` view."""
+    if idx.shape[0] == 1:  # one image (batch-1 serving): its indices are the row indices
+        return idx.reshape(-1)
     offset = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1) * n
     return (idx + offset).reshape(-1)
 
@@ -156,35 +158,25 @@ def apply_merge(index: MergeIndex, x: torch.Tensor, reduce: str = "sum") -> torc
     return out
 
 
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of every row of ``a`` with every row of ``b``: ``(B, Na, Nb)``."""
-    a = a / a.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-    b = b / b.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-    return a @ b.transpose(-1, -2)
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` scaled to unit length, so a matrix product of two such sets is cosine."""
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
 
 
 def _best_matches(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    penalty: torch.Tensor | None = None,
-    protect_a: int = 0,
-    protect_b: int = 0,
+    a: torch.Tensor, b: torch.Tensor, penalty: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Bipartite soft matching core: each A row picks its best B column.
 
+    ``a`` and ``b`` are unit rows (:func:`_unit`, normalised once for the whole sequence).
     Returns (order of A rows by best score descending, best column per A, raw cosine of the
-    best pair). ``penalty`` (added to the cosine) encodes locality; the first ``protect_a``
-    rows and ``protect_b`` columns can never match (prefix tokens).
+    best pair). ``penalty`` (added to the cosine) encodes locality.
     """
-    cos = _cosine(a, b)
-    scores = cos if penalty is None else cos + penalty
-    if protect_a or protect_b:
-        scores = scores.clone() if scores is cos else scores
-        if protect_a:  # (no empty-slice writes: the ONNX exporter cannot shape them)
-            scores[:, :protect_a, :] = -math.inf
-        if protect_b:
-            scores[:, :, :protect_b] = -math.inf
-    best, best_idx = scores.max(dim=-1)
+    cos = a @ b.transpose(-1, -2)
+    if penalty is None:  # the best score is the cosine itself: no second lookup
+        best, best_idx = cos.max(dim=-1)
+        return best.argsort(dim=-1, descending=True), best_idx, best
+    best, best_idx = (cos + penalty).max(dim=-1)
     order = best.argsort(dim=-1, descending=True)
     best_cos = cos.gather(-1, best_idx.unsqueeze(-1)).squeeze(-1)
     return order, best_idx, best_cos
@@ -211,21 +203,22 @@ def bipartite_matching(metric: torch.Tensor, r: int, num_prefix: int) -> MergeIn
         return MergeIndex(keep, empty, empty, empty, metric.new_zeros(B, 0))
 
     pa, pb = (num_prefix + 1) // 2, num_prefix // 2  # prefix tokens in A and in B
-    order, best_idx, best_cos = _best_matches(metric[:, ::2], metric[:, 1::2], None, pa, pb)
+    # Prefix tokens take no part in the matching: A row i is token 2(pa + i), B column j is
+    # token 2(pb + j) + 1, so no score needs masking and a column is a destination slot.
+    metric = _unit(metric)
+    order, best_idx, best_cos = _best_matches(metric[:, 2 * pa::2], metric[:, 2 * pb + 1::2])
     src_a = order[:, :r]
     unm_a = order[:, r:]
     if num_prefix:
         unm_a = unm_a.sort(dim=-1).values
-    # A row i is token 2i, B column j is token 2j + 1.
-    src = src_a * 2
-    dst_slot = best_idx.gather(1, src_a) - pb  # prefix tokens in B are kept, not destinations
+    src = (src_a + pa) * 2
+    dst_slot = best_idx.gather(1, src_a)
     similarity = best_cos.gather(1, src_a)
     dst = torch.arange(2 * pb + 1, N, 2, device=device).expand(B, -1)
     if num_prefix:
-        # Prefix tokens sit at the front of unmerged A (sorted) and of B; interleaving them
-        # (A0, B0, A1, ...) restores their original order 0, 1, 2, ...
+        # Prefix tokens stay in front in their original order, then unmerged A (sorted).
         prefix = torch.arange(num_prefix, device=device).expand(B, -1)
-        keep = torch.cat([prefix, unm_a[:, pa:] * 2], dim=1)
+        keep = torch.cat([prefix, (unm_a + pa) * 2], dim=1)
     else:
         keep = unm_a * 2
     return MergeIndex(keep, dst, src, dst_slot, similarity)
@@ -279,6 +272,7 @@ def retokenize_matching(
     if locality and positions is not None:
         pa, pb = _gather(positions, a_idx), _gather(positions, b_idx)
         penalty = -locality * torch.cdist(pa, pb) / grid_extent
+    metric = _unit(metric)
     a, b = _gather(metric, a_idx), _gather(metric, b_idx)
     if pairs_only:
         src_a, unm_a, dst_slot, sim = _one_to_one(a, b, penalty, r)
@@ -299,9 +293,10 @@ def _one_to_one(
 
     Returns (merged A rows, unmerged A rows in A order, B column of each merged row, raw cosine
     of each pair). ``r`` static steps of a masked argmax keep shapes static for compile/ONNX;
-    the sets are small (the non-semantic tokens of one block), so the loop is cheap.
+    the sets are small (the non-semantic tokens of one block), so the loop is cheap. ``a`` and
+    ``b`` are unit rows.
     """
-    cos = _cosine(a, b)
+    cos = a @ b.transpose(-1, -2)
     scores = (cos if penalty is None else cos + penalty).clone()
     Bn, na, nb = scores.shape
     rows, cols = [], []
@@ -360,10 +355,11 @@ def apply_select(index: SelectIndex, x: torch.Tensor, fuse: str | None = None) -
     class-attention weights of the dropped tokens. ``fuse="sum"``: the plain sum, for sizes
     (so sizes keep summing to the patch count). ``fuse="amax"``: union, for source maps.
     """
-    kept = _gather(x, index.keep)
     if fuse is None:
-        return kept
-    dropped = _gather(x, index.dropped)
+        return _gather(x, index.keep)
+    # one gather for kept and dropped tokens (the per-call cost, not the bytes, dominates)
+    both = _gather(x, torch.cat([index.keep, index.dropped], dim=1))
+    kept, dropped = both[:, : index.keep.shape[1]], both[:, index.keep.shape[1]:]
     if fuse == "weighted":
         extra = (dropped * index.dropped_weight.unsqueeze(-1).to(x.dtype)).sum(1, keepdim=True)
     elif fuse == "sum":

@@ -432,10 +432,14 @@ def _prune_state(
     owner, last = (None, None) if st.owner is None else _prune_owner(index, x, st, fuse)
     x = ops.apply_select(index, x, "weighted" if fuse else None)
     size, pos, source = st.size, st.pos, st.source
-    if size is not None or fuse:
-        if size is None:
-            size = x.new_ones((x.shape[0], index.keep.shape[1] + index.dropped.shape[1]),
-                              dtype=torch.float32)
+    if size is None and fuse:
+        # unit sizes: every kept token still holds one patch, the fused one all dropped ones
+        B, K = index.keep.shape
+        size = torch.cat([x.new_ones((B, K), dtype=torch.float32),
+                          x.new_full((B, 1), index.dropped.shape[1], dtype=torch.float32)], dim=1)
+        if pos is not None:
+            pos = ops.apply_select(index, pos, "sum") / size.unsqueeze(-1)
+    elif size is not None:
         w = size.unsqueeze(-1)
         if pos is not None:
             pos = ops.apply_select(index, pos * w, "sum" if fuse else None)

@@ -1,0 +1,70 @@
+"""imagepiece bench --profile: torch.profiler split of a forward pass into the block compute and
+the reduction's parts (imagepiece.measure.profile)."""
+
+import timm
+import torch
+from typer.testing import CliRunner
+
+import imagepiece
+from imagepiece import ops, runtime
+from imagepiece.cli import app
+from imagepiece.measure.profile import PARTS, profile_forward
+
+TINY_KW = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2)
+ARGS = ["--model", "vit_tiny_patch16_224"] + [a for k, v in TINY_KW.items()
+                                             for a in ("--model-arg", f"{k}={v}")]
+
+
+def _model(spec):
+    torch.manual_seed(0)
+    return imagepiece.patch(timm.create_model("vit_tiny_patch16_224", **TINY_KW).eval(), spec)
+
+
+def _parts(spec):
+    rows = profile_forward(_model(spec), torch.randn(2, 3, 32, 32), runs=2, warmup=1)
+    assert [r.part for r in rows] == list(PARTS)
+    return {r.part: r for r in rows}
+
+
+def test_each_method_shows_its_own_parts_and_nothing_else():
+    tome, evit, none = _parts("tome:r=4"), _parts("evit:keep_rate=0.5"), _parts("none")
+    assert tome["matching"].ops > 0 and tome["state"].ops > 0 and tome["ranking"].ops == 0
+    assert tome["bias"].ops > 0  # proportional attention
+    assert evit["ranking"].ops > 0 and evit["scores"].ops > 0 and evit["matching"].ops == 0
+    assert none["block"].ops > 0
+    assert all(none[p].ops == 0 and none[p].ms == 0 for p in ("scores", "matching", "state"))
+    for parts in (tome, evit, none):
+        assert all(r.ms >= 0 for r in parts.values())
+
+
+def test_profiling_leaves_the_library_unwrapped_and_the_output_unchanged():
+    before = (ops.bipartite_matching, runtime._merge_state, runtime._block_step)
+    model, x = _model("imagepiece"), torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        expected = model(x)
+    profile_forward(model, x, runs=1, warmup=0)
+    assert (ops.bipartite_matching, runtime._merge_state, runtime._block_step) == before
+    with torch.inference_mode():
+        assert torch.equal(model(x), expected)
+
+
+def test_bench_profile_command(tmp_path):
+    out = tmp_path / "p.json"
+    res = CliRunner().invoke(app, ["bench", *ARGS, "--method", "tome:r=4", "--profile", "--runs", "1",
+                                   "--warmup", "0", "-b", "2", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "matching" in res.output and "reduction" in res.output
+    import json
+
+    data = json.loads(out.read_text())
+    assert set(data["profile"]) == {"none", "tome:r=4"}
+    assert any(r["part"] == "matching" and r["ops"] > 0 for r in data["profile"]["tome:r=4"])
+
+
+def test_bench_profile_refuses_what_it_cannot_profile(tmp_path):
+    for extra, word in ((["--mode", "train"], "--mode train"), (["--csv", str(tmp_path / "a.csv")], "--csv"),
+                        (["--backend", "compile"], "--backend compile")):
+        res = CliRunner().invoke(app, ["bench", *ARGS, "--profile", *extra])
+        assert res.exit_code == 2, res.output
+        assert word in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "a.csv").exists()
