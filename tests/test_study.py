@@ -211,6 +211,18 @@ def test_a_gated_call_fails_and_eval_commands_need_no_data_package(tmp_path, mon
     study = Study(CONFIGS["smoke"], "/nowhere", str(tmp_path), str(tmp_path), log=lambda s: None)
     cmd = E.eval_command(study.ctx, Run("r", "stem", "m", "none", 0, True, "stem"), "evit:keep_rate=0.7")
     assert " --data " not in cmd and "--split test" in cmd and "coherence=stem" in cmd
+    # a weights file has no record of its data: the command must name the run's eval transform,
+    # or eval falls back to the architecture's pretrained_cfg (mean/std 0.5, crop 0.9)
+    import shlex
+
+    from imagepiece.data import default_normalization
+
+    words = shlex.split(cmd)
+    flag = {w: words[i + 1] for i, w in enumerate(words[:-1]) if w.startswith("--")}
+    mean, std, crop = default_normalization("fashion-mnist")
+    assert [float(v) for v in flag["--mean"].split(",")] == pytest.approx(list(mean), abs=5e-6)
+    assert [float(v) for v in flag["--std"].split(",")] == pytest.approx(list(std), abs=5e-6)
+    assert float(flag["--crop-pct"]) == crop and flag["--interpolation"] == "bicubic"
 
 
 def test_tuning_changes_a_knob_only_beyond_the_default_seed_spread():
@@ -350,9 +362,9 @@ def test_threads_option_sets_the_calls_threads_and_refuses_nonsense(tmp_path):
 
 def test_scratch_table_pairs_arms_and_stands_in_the_imagepiece_stem_control():
     """The from-scratch table pairs each arm with EViT and the stem baseline on the same images;
-    while ImagePiece's arm waits for the second tuning round, its stem control (same training,
-    default knobs) stands in under a label that says so, and pairs like an arm."""
-    from fmnist_study.summary import scratch_table
+    ImagePiece's stem control (same training, the first round's knobs) is shown under a label
+    that says so and pairs like an arm; it gives way to the arm only when the arm has its knobs."""
+    from fmnist_study.summary import STEM_CONTROL, scratch_table
 
     rng = np.random.default_rng(0)
     def rec(kind, group, point, row, acc):
@@ -364,10 +376,13 @@ def test_scratch_table_pairs_arms_and_stands_in_the_imagepiece_stem_control():
     vectors = {t["row"]: rng.random(2000) < t["test_top1"] / 100 for t in table}
     S = {"table": table, "vectors": vectors, "pooled": {"from-scratch": 0.2, "fine-tuned": 0.2}}
     rows = {r["arm"]: r for r in scratch_table(S)}
-    ip = rows["imagepiece (stem control, default knobs: pending the 2nd tuning round)"]
+    ip = rows[STEM_CONTROL]
     diff = 100 * (vectors["control/imagepiece-stem/k07"].mean() - vectors["from-scratch/evit/k07/s0"].mean())
     assert ip["vs_evit_diff"] == pytest.approx(diff) and ip["vs_evit_lo"] < diff < ip["vs_evit_hi"]
     assert rows["evit"]["vs_evit_diff"] is None and rows["evit"]["vs_stem_baseline_diff"] is not None
     table.append(rec("from-scratch", "imagepiece", "k07", "from-scratch/imagepiece/k07/s0", 91.0))
     vectors["from-scratch/imagepiece/k07/s0"] = vectors["control/imagepiece-stem/k07"]
-    assert [r["arm"] for r in scratch_table(S)] == ["none", "evit", "imagepiece"]  # the arm replaces it
+    # the second round chose other knobs: the control stays, beside the arm
+    assert [r["arm"] for r in scratch_table(S)] == ["none", "evit", "imagepiece", STEM_CONTROL]
+    table[-1]["spec"] = table[2]["spec"]  # the same knobs: the arm replaces the control
+    assert [r["arm"] for r in scratch_table(S)] == ["none", "evit", "imagepiece"]

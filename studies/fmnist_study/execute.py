@@ -23,6 +23,7 @@ from imagepiece.data import build_dataset
 from imagepiece.evaluate import evaluate_model, make_eval_loader
 from imagepiece.measure import count_gmacs
 from imagepiece.patch import use_method
+from imagepiece.preprocess import from_run
 from imagepiece.train.run_folder import LOCK_FILE
 
 from .config import StudyConfig
@@ -220,10 +221,15 @@ def evaluate(ctx: Context, run: Run, spec: str, key: str) -> dict[str, Any]:
 def eval_command(ctx: Context, run: Run, spec: str) -> str:
     """The ``imagepiece eval`` line that reproduces a row's test top-1 on a fresh clone: no
     ``--data``, so the Debian package's test split serves when installed, else the package's copy
-    (the same 10,000 images)."""
+    (the same 10,000 images). A weights file carries no record of its training data, so the
+    run's eval transform (Fashion-MNIST's mean/std, crop, interpolation) is given explicitly;
+    without it ``eval`` would use the architecture's timm ``pretrained_cfg``."""
     args = " ".join(f"--model-arg {k}={v}" for k, v in model_kwargs(ctx, run).items() if k != "img_size")
+    prep = from_run({"config": train_values(ctx, run)})
+    norm = (f"--mean {','.join(f'{v:g}' for v in prep.mean)} --std {','.join(f'{v:g}' for v in prep.std)} "
+            f"--crop-pct {prep.crop_pct:g} --interpolation {prep.interpolation}")
     return (f"imagepiece eval --model {run.model} {args} --checkpoint {ctx.layout.weights(run.name)} "
-            f"--dataset fashion-mnist --split test --img-size {ctx.cfg.img_size} --method '{spec}'")
+            f"--dataset fashion-mnist --split test --img-size {ctx.cfg.img_size} {norm} --method '{spec}'")
 
 
 def correct(ctx: Context, run: Run, spec: str, key: str, test_top1: float) -> np.ndarray:

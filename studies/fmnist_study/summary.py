@@ -127,6 +127,10 @@ def pooled_seed_std(table: list[dict[str, Any]]) -> dict[str, float]:
             "from-scratch-own": scratch}
 
 
+#: The from-scratch table's label of ImagePiece's stem control (first-round knobs).
+STEM_CONTROL = "imagepiece (stem control: the first tuning round's knobs)"
+
+
 def scratch_table(S: dict[str, Any]) -> list[dict[str, Any]]:
     """One record per from-scratch arm: seeds, GMACs, images/s against the stem baseline, val and
     test top-1, and the paired test difference to EViT at its point and to the stem baseline."""
@@ -136,10 +140,12 @@ def scratch_table(S: dict[str, Any]) -> list[dict[str, Any]]:
     base = group_stats(t, "from-scratch", "none", "-")
     records = [(group, group_stats(t, "from-scratch", group, point)) for group, point in arms]
     control = group_stats(t, "control", "imagepiece-stem", "k07")
-    if control and ("imagepiece", "k07") not in arms:
-        # Until the second tuning round decides ImagePiece's knobs, its stem control (the same
-        # training, default knobs) stands in, labelled as such: it becomes the arm if they stay.
-        records.append(("imagepiece (stem control, default knobs: pending the 2nd tuning round)", control))
+    arm = dict(records).get("imagepiece") if ("imagepiece", "k07") in arms else None
+    if control and (arm is None or arm["spec"] != control["spec"]):
+        # ImagePiece's stem control (the same training, the first tuning round's knobs) is its
+        # arm when the second round keeps those knobs; otherwise it is shown beside the arm (or
+        # alone while the arm trains), labelled with what it is.
+        records.append((STEM_CONTROL, control))
     out = []
     for group, g in records:
         point = g["point"]
