@@ -213,6 +213,30 @@ def test_a_runs_weights_are_scored_on_the_data_it_was_trained_on(run_dir):
     assert (prep.mean, prep.crop_pct, prep.img_size, prep.interpolation) == (FASHION_MEAN, 1.0, 28, "bicubic")
 
 
+def test_weights_exported_from_a_run_keep_its_preprocessing(run_dir, tmp_path):
+    """A weights file saved with its run's meta (and a checkpoint folder's model.safetensors) is
+    scored on the run's data transform; a bare file falls back to the architecture's
+    pretrained_cfg, and says so."""
+    import os
+
+    from imagepiece.checkpoint import load_state_dict, run_meta, run_weights_metadata, save_weights
+
+    best = os.path.join(run_dir, "checkpoints", "best")
+    meta = run_meta(best)
+    tagged = save_weights(str(tmp_path / "tagged.safetensors"), load_state_dict(best),
+                          metadata=run_weights_metadata(meta))
+    bare = save_weights(str(tmp_path / "bare.safetensors"), load_state_dict(best))
+    assert run_meta(tagged) == meta and run_meta(os.path.join(best, "model.safetensors")) == meta
+    assert run_meta(bare) == {}
+    common = dict(methods=("none",), dataset="synthetic", data_length=16, workers=0, timing_runs=0,
+                  model="vit_tiny_patch16_224", img_size=32,
+                  model_kwargs=dict(patch_size=4, embed_dim=32, depth=4, num_heads=2))
+    own = evaluate_plans(EvalConfig(checkpoint=tagged, **common))
+    guessed = evaluate_plans(EvalConfig(checkpoint=bare, **common))
+    assert "training run's data (synthetic)" in own["preprocessing"] and "0.485" in own["preprocessing"]
+    assert "pretrained_cfg" in guessed["preprocessing"] and "0.485" not in guessed["preprocessing"]
+
+
 def _image_folder(root, classes, size=20):
     from PIL import Image
 

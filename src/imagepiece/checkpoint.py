@@ -35,6 +35,8 @@ __all__ = [
     "load_state_dict",
     "find_checkpoint",
     "load_weights",
+    "run_meta",
+    "run_weights_metadata",
     "save_checkpoint",
     "save_weights",
 ]
@@ -43,6 +45,9 @@ MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
+#: safetensors metadata key under which a weights file exported from a training run keeps that
+#: run's ``meta.json`` (JSON), so the file alone says how its inputs were prepared.
+RUN_META_KEY = "imagepiece.run"
 # Keys under which checkpoints nest their state dict, in the order they are tried: timm train
 # scripts (state_dict, state_dict_ema), DeiT/EViT/ToMe releases (model, model_ema), others.
 _EMA_KEYS = ("state_dict_ema", "model_ema", "ema")
@@ -231,21 +236,55 @@ def find_checkpoint(directory: str) -> str | None:
 
 
 def run_meta(path: str | None) -> dict[str, Any]:
-    """The ``meta.json`` of an imagepiece training run (a run folder or one of its checkpoint
-    folders): model name, kwargs, input size, classes and the run's config. Empty for anything
-    else (a weights file, a foreign folder). Reading only, no checksum work."""
-    if not path or not os.path.isdir(path):
+    """The ``meta.json`` of an imagepiece training run: model name, kwargs, input size, classes
+    and the run's config. Found for a run folder or one of its checkpoint folders, a weights file
+    inside a checkpoint folder, and a weights file exported with the run's meta
+    (:data:`RUN_META_KEY`). Empty for anything else (foreign weights or folders). Reading only,
+    no checksum work."""
+    if not path:
+        return {}
+    if os.path.isfile(path):
+        beside = os.path.join(os.path.dirname(path), META_FILE)
+        return _read_meta(beside) if os.path.isfile(beside) else _embedded_meta(path)
+    if not os.path.isdir(path):
         return {}
     for sub in ("", "checkpoints/best", "checkpoints/last"):
         meta = os.path.join(path, sub, META_FILE)
         if os.path.isfile(meta):
-            try:
-                with open(meta) as f:
-                    found = json.load(f)
-            except (OSError, ValueError) as e:
-                raise CheckpointError(f"cannot read {meta!r}: {e}") from None
-            return found if isinstance(found, dict) else {}
+            return _read_meta(meta)
     return {}
+
+
+def _read_meta(path: str) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            found = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path!r}: {e}") from None
+    return found if isinstance(found, dict) else {}
+
+
+def _embedded_meta(path: str) -> dict[str, Any]:
+    """The run meta a ``.safetensors`` file carries in its header ({} when none or not one)."""
+    if not path.endswith(".safetensors"):
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            text = (f.metadata() or {}).get(RUN_META_KEY)
+    except Exception:  # noqa: BLE001  (not readable here: loading the weights reports it)
+        return {}
+    try:
+        found = json.loads(text) if text else {}
+    except ValueError as e:
+        raise CheckpointError(f"{path!r}: its {RUN_META_KEY!r} metadata is not JSON: {e}") from None
+    return found if isinstance(found, dict) else {}
+
+
+def run_weights_metadata(meta: dict[str, Any]) -> dict[str, str]:
+    """safetensors metadata for :func:`save_weights` that keeps a run's ``meta.json``."""
+    return {RUN_META_KEY: json.dumps(meta, sort_keys=True)}
 
 
 _kill_counts: dict[str, int] = {}

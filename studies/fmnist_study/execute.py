@@ -18,7 +18,14 @@ import torch
 import yaml
 
 from imagepiece import train as T
-from imagepiece.checkpoint import load_checkpoint, load_state_dict, load_weights, save_weights
+from imagepiece.checkpoint import (
+    load_checkpoint,
+    load_state_dict,
+    load_weights,
+    run_meta,
+    run_weights_metadata,
+    save_weights,
+)
 from imagepiece.data import build_dataset
 from imagepiece.evaluate import evaluate_model, make_eval_loader
 from imagepiece.measure import count_gmacs
@@ -113,7 +120,9 @@ def train_run(ctx: Context, run: Run, key: str, fresh: bool = False) -> dict[str
     elif done < cfg.epochs:
         T.train(T.resume_config(run_dir, {"workers": cfg.workers, "progress": cfg.progress}), resume=run_dir)
     weights = ctx.layout.weights(run.name)
-    save_weights(weights, load_state_dict(os.path.join(run_dir, "checkpoints", "best")))
+    best = os.path.join(run_dir, "checkpoints", "best")
+    # the file keeps the run's meta, so `imagepiece eval --checkpoint FILE` prepares its inputs
+    save_weights(weights, load_state_dict(best), metadata=run_weights_metadata(run_meta(best)))
     result = _run_result(run, run_dir, key, values, ctx.layout.run_config(run.name), done, time.time() - t0)
     return dict(result, weights=weights, weights_sha256=_sha256(weights))
 
