@@ -351,7 +351,9 @@ class _State:
     """Per-token tensors that travel with the tokens through one forward pass."""
 
     size: torch.Tensor | None  # (B, N) float32; None = all ones
-    pos: torch.Tensor | None  # (B, N, 2) grid centroids, when locality or tracing needs them
+    # (B, N, 2) sums of the grid positions of the patches each token holds (its centroid times
+    # its size: merges and fusions just add them), when locality or tracing needs them
+    pos: torch.Tensor | None
     source: torch.Tensor | None  # (B, N, patches), when tracing asks
     # Sizes as proportional attention sees them, where they differ from ``size``: with
     # ``fused_bias=False`` EViT's fused token counts as one token there (None = ``size``).
@@ -397,11 +399,16 @@ def _prune_owner(index: ops.SelectIndex, x: torch.Tensor, st: _State, fuse: bool
     return out, last
 
 
+def _centroids(st: _State) -> torch.Tensor | None:
+    """Grid centroids ``(B, N, 2)`` of the tokens (None when positions are not tracked)."""
+    if st.pos is None or st.size is None:
+        return st.pos
+    return st.pos / st.size.unsqueeze(-1)
+
+
 def _merge_state(index: ops.MergeIndex, x: torch.Tensor, st: _State) -> tuple[torch.Tensor, _State]:
-    pos = None
     owner = None if st.owner is None else _merge_owner(index, st.owner, x.shape[1])
-    if st.pos is not None:
-        pos, _ = ops.merge_weighted(index, st.pos, st.size)
+    pos = None if st.pos is None else ops.apply_merge(index, st.pos)  # sums add up
     x, size = ops.merge_weighted(index, x, st.size)
     source = None if st.source is None else ops.apply_merge(index, st.source, "amax")
     bias_size = None
@@ -437,18 +444,10 @@ def _prune_state(
         B, K = index.keep.shape
         size = torch.cat([x.new_ones((B, K), dtype=torch.float32),
                           x.new_full((B, 1), index.dropped.shape[1], dtype=torch.float32)], dim=1)
-        if pos is not None:
-            pos = ops.apply_select(index, pos, "sum") / size.unsqueeze(-1)
     elif size is not None:
-        w = size.unsqueeze(-1)
-        if pos is not None:
-            pos = ops.apply_select(index, pos * w, "sum" if fuse else None)
-        size = ops.apply_select(index, w, "sum" if fuse else None)
-        if pos is not None:
-            pos = pos / size
-        size = size.squeeze(-1)
-    elif pos is not None:
-        pos = ops.apply_select(index, pos)
+        size = ops.apply_select(index, size.unsqueeze(-1), "sum" if fuse else None).squeeze(-1)
+    if pos is not None:  # sums of positions: the fused token's is the dropped tokens' sum
+        pos = ops.apply_select(index, pos, "sum" if fuse else None)
     if source is not None:
         source = ops.apply_select(index, source, "amax" if fuse else None)
     return x, replace(st, size=size, pos=pos, source=source, bias_size=bias_size, owner=owner, last=last)
@@ -487,7 +486,7 @@ def _block_step(layout: Layout, blk: nn.Module, x: torch.Tensor, st: _State, ste
         rec.merged_similarity = index.similarity.detach()
     elif step.kind == "retokenize":
         index = ops.retokenize_matching(
-            k.mean(dim=1), rank, P, step.m, step.r, st.pos, step.locality, extent, step.pairs_only
+            k.mean(dim=1), rank, P, step.m, step.r, _centroids(st), step.locality, extent, step.pairs_only
         )
         x, st = _merge_state(index, x, st)
         rec.merged_similarity = index.similarity.detach()
