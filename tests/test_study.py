@@ -386,3 +386,7 @@ def test_scratch_table_pairs_arms_and_stands_in_the_imagepiece_stem_control():
     assert [r["arm"] for r in scratch_table(S)] == ["none", "evit", "imagepiece", STEM_CONTROL]
     table[-1]["spec"] = table[2]["spec"]  # the same knobs: the arm replaces the control
     assert [r["arm"] for r in scratch_table(S)] == ["none", "evit", "imagepiece"]
+    # the keep-0.7 arm decides, not ImagePiece's hyper arm (other knobs, other point)
+    table.append(rec("from-scratch", "imagepiece", "hyper", "from-scratch/imagepiece/hyper/s0", 88.0))
+    vectors["from-scratch/imagepiece/hyper/s0"] = rng.random(2000) < 0.88
+    assert STEM_CONTROL not in [r["arm"] for r in scratch_table(S)]

@@ -687,9 +687,10 @@ def run_profile(config: BenchConfig, progress: Callable[[int, int, str], None] |
                              f"(allowed: {allowed})")
     if config.amp:
         raise BenchError("--profile times CPU ops of eager fp32 inference; --amp is not allowed")
-    base, _ = _create_model(dataclasses.replace(config, limit=False))
+    config = dataclasses.replace(config, limit=False)  # no limits: nothing is timed against them
+    base, _ = _create_model(config)
     gen = torch.Generator().manual_seed(config.seed)
-    setup = _setup(dataclasses.replace(config, limit=False), base, gen)
+    setup = _setup(config, base, gen)
     batch, threads = req.batches[0], req.threads[0]
     x = torch.randn(batch, *setup.image, generator=gen)
     old = torch.get_num_threads()

@@ -286,7 +286,7 @@ def render_profile(result: Any, console=None) -> None:
         "attention/mlp: the block's own compute where a block reduces (attention includes the "
         "proportional-attention bias inside SDPA); block: whole unreduced blocks; scores: class "
         "attention; bias: log sizes; matching: ToMe/ImagePiece matching; ranking: EViT top-k; "
-        "state: gathers and scatters of tokens, sizes, centroids and sources; step other: the "
+        "state: gathers and scatters of tokens, sizes, positions and sources; step other: the "
         "metric (mean key) and size-normalised scores; reduction = scores + bias + matching + "
         "ranking + state + step other. Profiler times include its own per-op cost: compare "
         "columns, not with `imagepiece bench`.")

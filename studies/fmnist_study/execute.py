@@ -230,9 +230,10 @@ def evaluate(ctx: Context, run: Run, spec: str, key: str) -> dict[str, Any]:
 def eval_command(ctx: Context, run: Run, spec: str) -> str:
     """The ``imagepiece eval`` line that reproduces a row's test top-1 on a fresh clone: no
     ``--data``, so the Debian package's test split serves when installed, else the package's copy
-    (the same 10,000 images). A weights file carries no record of its training data, so the
-    run's eval transform (Fashion-MNIST's mean/std, crop, interpolation) is given explicitly;
-    without it ``eval`` would use the architecture's timm ``pretrained_cfg``."""
+    (the same 10,000 images). The run's eval transform (Fashion-MNIST's mean/std, crop,
+    interpolation) is given explicitly: weights files written before they kept their run's meta
+    carry no record of it, and without it ``eval`` would use the architecture's timm
+    ``pretrained_cfg``."""
     args = " ".join(f"--model-arg {k}={v}" for k, v in model_kwargs(ctx, run).items() if k != "img_size")
     prep = from_run({"config": train_values(ctx, run)})
     norm = (f"--mean {','.join(f'{v:g}' for v in prep.mean)} --std {','.join(f'{v:g}' for v in prep.std)} "

@@ -140,7 +140,7 @@ def scratch_table(S: dict[str, Any]) -> list[dict[str, Any]]:
     base = group_stats(t, "from-scratch", "none", "-")
     records = [(group, group_stats(t, "from-scratch", group, point)) for group, point in arms]
     control = group_stats(t, "control", "imagepiece-stem", "k07")
-    arm = dict(records).get("imagepiece") if ("imagepiece", "k07") in arms else None
+    arm = group_stats(t, "from-scratch", "imagepiece", "k07")
     if control and (arm is None or arm["spec"] != control["spec"]):
         # ImagePiece's stem control (the same training, the first tuning round's knobs) is its
         # arm when the second round keeps those knobs; otherwise it is shown beside the arm (or

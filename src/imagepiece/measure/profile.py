@@ -120,17 +120,18 @@ def _is_top_aten(event) -> bool:
 
 
 def _rows(events, runs: int) -> list[ProfileRow]:
-    labels = {*_BLOCK, *_REDUCTION, _STEP}
+    labels, reduction = {*_BLOCK, *_REDUCTION, _STEP}, set(_REDUCTION)
+    anywhere = labels | {"forward"}
     ms = dict.fromkeys([*PARTS, _STEP, "forward"], 0.0)
     count = dict.fromkeys(ms, 0)
     for ev in events:
         if ev.name == "forward" and ev.cpu_parent is None:
             ms["forward"] += ev.cpu_time_total / 1e3
-        elif ev.name in labels and _owner(ev, set(_REDUCTION)) is None:
+        elif ev.name in labels and _owner(ev, reduction) is None:
             # (a label inside a reduction label would count its time twice)
             ms[ev.name] += ev.cpu_time_total / 1e3
         if _is_top_aten(ev):
-            where = _owner(ev, labels | {"forward"})
+            where = _owner(ev, anywhere)
             key = {_STEP: "step other", "forward": "outside blocks"}.get(where, where)
             if key is not None:
                 count[key] += 1
