@@ -157,6 +157,18 @@ def test_cli_analyze(tmp_path):
     assert not os.path.exists(tmp_path / "x")
 
 
+def test_cli_analyze_refuses_weights_it_would_not_use_on_a_shipped_model(tmp_path):
+    """A shipped model comes with its weights: --checkpoint is refused, not silently ignored."""
+    out = tmp_path / "an"
+    common = ["analyze", "--data", "synthetic", "--length", "4", "--out", str(out)]
+    res = CliRunner().invoke(app, [*common, "--model", "shipped:baseline", "--checkpoint", "w.pth",
+                                   "masking"])
+    assert res.exit_code == 2 and "apply to timm names" in res.output, res.output
+    res = CliRunner().invoke(app, [*common, "--model", "shipped:nope", "masking"])
+    assert res.exit_code == 2 and "unknown shipped model 'nope'" in res.output, res.output
+    assert not os.path.exists(out)
+
+
 def test_checkpoint_is_loaded_safely(tmp_path):
     from safetensors.torch import save_file
 

@@ -77,48 +77,21 @@ def _write_text(path: str, text: str) -> None:
 
 def load_model(name: str, model_kwargs: dict[str, Any] | None = None, checkpoint: str | None = None,
                num_classes: int | None = None, seed: int = 0) -> nn.Module:
-    """A timm model with random weights (seeded) or the weights of ``checkpoint``.
-
-    Checkpoints are read safely (safetensors, or ``torch.load(weights_only=True)``). A
-    transformers ``save_pretrained`` folder (or cached hub id) is read with its own weights.
-    """
-    import timm
-
-    from .patch import is_transformers_path, load_transformers
-
-    if is_transformers_path(name):
-        if model_kwargs or checkpoint:
-            raise AnalysisError("--model-arg and --checkpoint apply to timm models; a transformers "
-                                "model comes with its weights and config from its folder")
-        try:
-            return load_transformers(name)
-        except (ImportError, OSError, ValueError, TypeError) as e:
-            raise AnalysisError(f"cannot load the transformers model {name!r}: {e}") from None
+    """The model ``name`` unpatched, in eval mode (:func:`imagepiece.loading.open_model`: a timm
+    name with random weights drawn after ``seed`` or the weights of ``checkpoint``, a shipped
+    model, a transformers folder); ``num_classes`` sizes a timm model's head."""
+    from .loading import SHIPPED_PREFIX, ModelLoadError, open_model
+    from .patch import is_transformers_path
 
     kwargs = dict(model_kwargs or {})
     if num_classes is not None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise AnalysisError(f"num_classes={num_classes!r} is not allowed; expected an integer >= 1")
-        kwargs.setdefault("num_classes", num_classes)
-    if not isinstance(name, str) or not timm.is_model(name):
-        raise AnalysisError(f"unknown model {name!r}; use a timm.list_models() name such as "
-                            "vit_tiny_patch16_224 or deit_small_patch16_224")
-    torch.manual_seed(seed)
+        if isinstance(name, str) and not name.startswith(SHIPPED_PREFIX) and not is_transformers_path(name):
+            kwargs.setdefault("num_classes", num_classes)
     try:
-        model = timm.create_model(name, pretrained=False, **kwargs)
-    except Exception as e:  # noqa: BLE001  (timm raises many kinds)
-        raise AnalysisError(f"could not create {name!r} with {kwargs}: {type(e).__name__}: {e}") from None
-    if checkpoint:
-        _load_weights(model, checkpoint)
-    return model.eval()
-
-
-def _load_weights(model: nn.Module, path: str) -> None:
-    from .checkpoint import load_weights
-
-    try:
-        load_weights(model, path, strict=True, adapt=False)
-    except ValueError as e:  # CheckpointError: missing, unreadable, unsafe or not fitting
+        return open_model(name, checkpoint, model_kwargs=kwargs, seed=seed).model
+    except ModelLoadError as e:
         raise AnalysisError(str(e)) from None
 
 

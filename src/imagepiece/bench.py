@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import difflib
 import random
 import statistics
 from collections.abc import Callable, Sequence
@@ -52,6 +51,7 @@ import torch.nn as nn
 
 from .bench_report import NOISY_IQR, render, write_csv, write_json, write_plot
 from .distributed import DeviceError, resolve_device
+from .loading import ModelLoadError, open_model
 from .measure import (
     BACKENDS,
     DTYPES,
@@ -69,7 +69,7 @@ from .measure import (
     time_interleaved,
 )
 from .measure.profile import ProfileRow, profile_forward
-from .patch import describe, is_transformers_path, load_transformers, patch, set_grad_checkpointing, unpatch
+from .patch import describe, patch, set_grad_checkpointing
 from .plan import PRESETS, MethodError, format_method, knob_names, make_plan, parse_method
 
 __all__ = [
@@ -288,56 +288,13 @@ def _check_dtype(dtype: str) -> str:
 
 
 def _create_model(config: BenchConfig) -> tuple[nn.Module, str]:
-    import timm
-
-    name = config.model
-    if is_transformers_path(name):
-        return _create_transformers_model(config)
-    if not isinstance(name, str) or not timm.is_model(name):
-        close = difflib.get_close_matches(str(name), timm.list_models(), n=3)
-        hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise BenchError(f"unknown timm model {name!r}.{hint} See timm.list_models() for the "
-                         "allowed names.")
-    torch.manual_seed(config.seed)
+    """The unreduced model of ``config`` and its weights in words (see :func:`open_model`)."""
     try:
-        model = timm.create_model(name, pretrained=config.pretrained, **config.model_kwargs)
-    except Exception as e:  # noqa: BLE001 (timm/hub raise many kinds)
-        if config.pretrained:
-            raise BenchError(f"could not load timm's pretrained weights for {name!r} (no internet "
-                             f"or not cached?): {type(e).__name__}: {e}. Run without --pretrained "
-                             "for random weights, or pass --checkpoint FILE.") from None
-        raise BenchError(f"could not create timm model {name!r} with {config.model_kwargs}: "
-                         f"{type(e).__name__}: {e}") from None
-    weights = "timm pretrained" if config.pretrained else "random (nothing is downloaded)"
-    if config.checkpoint:
-        _load_checkpoint(model, config.checkpoint)
-        weights = f"checkpoint {config.checkpoint}"
-    # A registered imagepiece_* model is created under a plan: the baseline is the network
-    # itself, unreduced (issue 14, item 1).
-    return unpatch(model).eval(), weights
-
-
-def _create_transformers_model(config: BenchConfig) -> tuple[nn.Module, str]:
-    if config.pretrained or config.checkpoint or config.model_kwargs:
-        raise BenchError("--pretrained, --checkpoint and --model-arg apply to timm models; a "
-                         "transformers model comes with its weights and config from its folder")
-    try:
-        model = load_transformers(config.model)
-    except ImportError as e:
+        opened = open_model(config.model, config.checkpoint, config.pretrained, config.model_kwargs,
+                            seed=config.seed)
+    except ModelLoadError as e:
         raise BenchError(str(e)) from None
-    except (OSError, ValueError, TypeError) as e:
-        raise BenchError(f"could not load the transformers model {config.model!r} (a save_pretrained "
-                         f"folder, or a hub id already in the local cache): {e}") from None
-    return model, f"transformers, from {config.model}"
-
-
-def _load_checkpoint(model: nn.Module, path: str) -> None:
-    from .checkpoint import load_weights
-
-    try:
-        load_weights(model, path, strict=True, adapt=False)
-    except ValueError as e:  # CheckpointError: missing, unreadable, unsafe or not fitting
-        raise BenchError(str(e)) from None
+    return opened.model, opened.weights
 
 
 # --------------------------------------------------------------------------------------
@@ -524,9 +481,7 @@ def run_benchmark(
     cfg.update(allocator=allocator, methods=list(config.methods), batch_sizes=req.batches,
                threads=req.threads, devices=req.devices, dtypes=req.dtypes, backends=req.backends,
                calls=req.calls, keep_rates=list(config.keep_rates), rs=list(config.rs))
-    random_weights = not config.pretrained and not config.checkpoint and not is_transformers_path(
-        config.model)
-    return BenchResult(cfg, machine_info(req.devices), random_weights, weights, results, busy)
+    return BenchResult(cfg, machine_info(req.devices), weights == "random", weights, results, busy)
 
 
 class _Ticker:

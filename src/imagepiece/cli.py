@@ -320,6 +320,7 @@ def eval_(
 
     from . import evaluate as E
     from .distributed import check_device
+    from .loading import SHIPPED_PREFIX
     from .options import check_outputs, check_threads
 
     try:  # before any work: nothing is computed for a run whose result cannot be kept
@@ -335,7 +336,7 @@ def eval_(
     if bare and not method:
         return _eval_shipped(data, split, max_images, batch_size, device, json_path, csv_path)
     if bare:  # plans but no model: the shipped baseline, on the data it was trained for
-        model, dataset = E.SHIPPED_PREFIX + "baseline", "fashion-mnist"
+        model, dataset = SHIPPED_PREFIX + "baseline", "fashion-mnist"
         split = "test" if split == "val" else split
     try:
         cfg = E.EvalConfig(
@@ -628,6 +629,7 @@ def _analysis_inputs(ctx: typer.Context):
     from .checkpoint import run_meta
     from .distributed import resolve_device
     from .evaluate import num_outputs
+    from .loading import SHIPPED_PREFIX
     from .patch import is_transformers_path
     from .preprocess import resolve_preprocessing
 
@@ -635,14 +637,9 @@ def _analysis_inputs(ctx: typer.Context):
     if o["threads"]:
         torch.set_num_threads(o["threads"])
     kwargs = _key_values(o["model_arg"], "--model-arg")
-    if o["model"].startswith("shipped:"):
-        from .zoo import load_shipped
-
-        net = load_shipped(o["model"].split(":", 1)[1], patched=False)
-    else:
-        net = load_model(o["model"], kwargs, o["checkpoint"], o["num_classes"], seed=o["seed"])
+    net = load_model(o["model"], kwargs, o["checkpoint"], o["num_classes"], seed=o["seed"])
     folder = o["model"] if is_transformers_path(o["model"]) else None
-    source = f"the card of {o['model']}" if o["model"].startswith("shipped:") else None
+    source = f"the card of {o['model']}" if o["model"].startswith(SHIPPED_PREFIX) else None
     prep = resolve_preprocessing(net, folder, run=run_meta(o["checkpoint"]), source=source, **o["prep"])
     classes = num_outputs(net)
     net.to(resolve_device(o["device"], "--device"))

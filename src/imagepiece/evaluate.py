@@ -20,7 +20,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .patch import describe, is_transformers_path, load_transformers
+from .loading import SHIPPED_PREFIX, ModelLoadError, OpenedModel, check_model_name, open_model
+from .patch import describe, is_transformers_path
 from .plan import parse_method
 
 __all__ = ["EvalConfig", "EvalError", "check_config", "evaluate_model", "evaluate_plans", "make_eval_loader",
@@ -156,9 +157,6 @@ def _first(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
 
 
-SHIPPED_PREFIX = "shipped:"
-
-
 def num_outputs(model: nn.Module) -> int:
     """How many class scores the model gives (one forward of a blank image); :class:`EvalError`
     for a model with no classification head (a CLIP vision tower, a feature model)."""
@@ -202,8 +200,9 @@ def evaluate_plans(cfg: EvalConfig, progress: Any = None) -> dict[str, Any]:
     classes = _first(cfg.num_classes, run.get("num_classes"))
     if classes is None and not _brings_weights(cfg, model_name):  # random weights: the data's classes
         classes = num_classes_of(_eval_dataset(cfg, dataset, data_root, None, 10))
-    base, weights, folder = _eval_model(cfg, model_name, run, dataset, classes or 10)
-    prep = _preprocessing(cfg, base, folder, run, model_name)
+    opened = _eval_model(cfg, model_name, run, dataset, classes or 10)
+    base, weights = opened.model, opened.weights
+    prep = _preprocessing(cfg, base, opened.folder, run, model_name)
     outputs = num_outputs(base)
     ds = _eval_dataset(cfg, dataset, data_root, prep, outputs)
     if num_classes_of(ds) != outputs:
@@ -242,7 +241,6 @@ def evaluate_plans(cfg: EvalConfig, progress: Any = None) -> dict[str, Any]:
 
 def _model_name(cfg: EvalConfig) -> tuple[dict[str, Any], str]:
     """(the run's ``meta.json`` or {}, the model to evaluate), checked to exist."""
-    import timm
 
     from .checkpoint import run_meta
 
@@ -252,12 +250,10 @@ def _model_name(cfg: EvalConfig) -> tuple[dict[str, Any], str]:
         raise EvalError("no model given: pass --model NAME (a timm name, shipped:NAME or a transformers "
                         "folder), or --checkpoint RUN_DIR of an imagepiece training run (or no options at "
                         "all: the shipped models)")
-    if name.startswith(SHIPPED_PREFIX):
-        return run, name
-    if not timm.is_model(name) and not is_transformers_path(name):
-        raise EvalError(f"unknown model {name!r}; any timm.list_models() name or imagepiece_*, "
-                        f"{SHIPPED_PREFIX}NAME of a shipped model, or a transformers save_pretrained folder")
-    return run, name
+    try:
+        return run, check_model_name(name)
+    except ModelLoadError as e:
+        raise EvalError(str(e)) from None
 
 
 def _brings_weights(cfg: EvalConfig, name: str) -> bool:
@@ -294,74 +290,36 @@ def _eval_dataset(cfg: EvalConfig, dataset: str, data_root: str | None, prep: An
         raise EvalError(f"cannot read {dataset} data at {data_root!r}: {e}") from None
 
 
-def _transformers_model(cfg: EvalConfig, path: str) -> tuple[nn.Module, str, str]:
-    """A transformers model from its folder, with its own weights; its input size must be the
-    one asked for, if any."""
-    if cfg.checkpoint or cfg.pretrained or cfg.model_kwargs:
-        raise EvalError("--checkpoint, --pretrained and --model-arg apply to timm models; a "
-                        "transformers model comes with its weights and config from its folder")
-    try:
-        model = load_transformers(path)
-    except (ImportError, OSError, ValueError, TypeError) as e:
-        raise EvalError(f"cannot load the transformers model {path!r}: {e}") from None
-    _check_size(model, describe(model).image_size, cfg.img_size)
-    return model, f"transformers, from {path}", path
-
-
 def _check_size(model: nn.Module, size: Any, asked: int | None) -> None:
     if size is not None and asked is not None and tuple(size) != (asked, asked):
         raise EvalError(f"--img-size {asked} does not match the input size {tuple(size)} "
                         f"{type(model).__name__} is built for; give --img-size {size[0]} or leave it out")
 
 
-def _shipped_model(cfg: EvalConfig, name: str) -> tuple[nn.Module, str, None]:
-    from .zoo import load_shipped
-
-    if cfg.checkpoint or cfg.pretrained or cfg.model_kwargs:
-        raise EvalError("--checkpoint, --pretrained and --model-arg apply to timm names, not to shipped "
-                        "models")
-    try:
-        model = load_shipped(name[len(SHIPPED_PREFIX):], patched=False)
-    except ValueError as e:
-        raise EvalError(str(e)) from None
-    _check_size(model, describe(model).image_size, cfg.img_size)
-    return model, f"shipped model {name[len(SHIPPED_PREFIX):]!r}", None
-
-
 def _eval_model(cfg: EvalConfig, name: str, run: dict[str, Any], dataset: str, num_classes: int
-                ) -> tuple[nn.Module, str, str | None]:
-    """(the unreduced model with the weights of ``cfg``, a label for them, its transformers
-    folder or None). Input size: ``--img-size``, else the run's, else 32 for Fashion-MNIST and
-    synthetic data, else the model's own. A checkpoint of another architecture, or a model
-    built for another size than the one asked, is refused."""
-    import timm
-
-    from .checkpoint import load_weights
+                ) -> OpenedModel:
+    """The unreduced model with the weights of ``cfg`` (:func:`open_model`). A timm model's input
+    size: ``--img-size``, else the run's, else 32 for Fashion-MNIST and synthetic data, else the
+    model's own. A checkpoint of another architecture, or a model built for another size than
+    the one asked, is refused."""
     from .models import fixed_input_size
 
-    if is_transformers_path(name):
-        return _transformers_model(cfg, name)
-    if name.startswith(SHIPPED_PREFIX):
-        return _shipped_model(cfg, name)
-    kwargs = dict((run.get("config") or {}).get("model_kwargs") or run.get("model_kwargs") or {})
-    kwargs.update(cfg.model_kwargs)
-    size = _first(cfg.img_size, run.get("img_size"), None if dataset == "imagefolder" else 32)
-    if size is not None:
-        kwargs.setdefault("img_size", size)
-    kwargs.setdefault("num_classes", num_classes)
-    if name.startswith("imagepiece_"):
-        kwargs.setdefault("plan", "none")
-    torch.manual_seed(cfg.seed)  # random weights: the same for every call
+    own = name.startswith(SHIPPED_PREFIX) or is_transformers_path(name)  # comes with its config
+    kwargs, size = dict(cfg.model_kwargs), cfg.img_size
+    if not own:
+        kwargs = dict((run.get("config") or {}).get("model_kwargs") or run.get("model_kwargs") or {})
+        kwargs.update(cfg.model_kwargs)
+        size = _first(cfg.img_size, run.get("img_size"), None if dataset == "imagefolder" else 32)
+        if size is not None:
+            kwargs.setdefault("img_size", size)
+        kwargs.setdefault("num_classes", num_classes)
     try:
-        model = timm.create_model(name, pretrained=cfg.pretrained, **kwargs)
-    except (TypeError, ValueError, AssertionError) as e:
-        raise EvalError(f"cannot create {name!r} with {kwargs}: {e}") from None
-    _check_size(model, fixed_input_size(model), size)
-    weights = "timm pretrained" if cfg.pretrained else "random"
-    if cfg.checkpoint:
-        load_weights(model, cfg.checkpoint, use_ema=cfg.use_ema, strict=True, adapt=False)
-        weights = cfg.checkpoint + (" (EMA)" if cfg.use_ema else "")
-    return model.eval(), weights, None
+        opened = open_model(name, cfg.checkpoint, cfg.pretrained, kwargs, cfg.use_ema, cfg.seed)
+    except ModelLoadError as e:
+        raise EvalError(str(e)) from None
+    built = describe(opened.model).image_size if own else fixed_input_size(opened.model)
+    _check_size(opened.model, built, size)
+    return opened
 
 
 def _under_method(model: nn.Module, spec: str, own_plan: bool) -> nn.Module:

@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from .distributed import check_device
 from .evaluate import evaluate_model
+from .loading import SHIPPED_PREFIX, ModelLoadError, open_model
 from .measure import BACKENDS, DTYPES, build, check_dtype, count_gmacs, time_interleaved
 
 # bench's output-path check, shared so tune refuses the paths bench refuses
@@ -443,55 +444,7 @@ def _measure(counter: _Gmacs, rows: list[TuneRow], models: dict[str, nn.Module],
 # Model and data for the command
 # --------------------------------------------------------------------------------------
 
-SHIPPED_PREFIX = "shipped:"
 DATASETS = ("fashion-mnist", "imagefolder", "synthetic")
-
-
-def load_model(name: str, checkpoint: str | None = None, pretrained: bool = False,
-               model_kwargs: dict[str, Any] | None = None) -> tuple[nn.Module, str, str | None]:
-    """``(unpatched model in eval mode, weights in words, transformers folder or None)`` for a
-    shipped model (``shipped:baseline``), a transformers folder, or a timm name (random weights
-    unless ``pretrained`` or ``checkpoint``)."""
-    import timm
-
-    from .checkpoint import load_weights
-    from .patch import is_transformers_path, load_transformers
-    from .zoo import load_shipped, shipped_models
-
-    timm_only = checkpoint or pretrained or model_kwargs
-    if name.startswith(SHIPPED_PREFIX):
-        shipped = name[len(SHIPPED_PREFIX):]
-        if shipped not in shipped_models():
-            raise TuneError(f"unknown shipped model {shipped!r}; allowed: "
-                            f"{', '.join(SHIPPED_PREFIX + n for n in shipped_models())}")
-        if timm_only:
-            raise TuneError("--checkpoint, --pretrained and --model-arg apply to timm names, not to "
-                            "shipped models")
-        return load_shipped(shipped, patched=False), f"shipped model {shipped!r}", None
-    if is_transformers_path(name):
-        if timm_only:
-            raise TuneError("--checkpoint, --pretrained and --model-arg apply to timm names; a transformers "
-                            "model comes with its weights and config from its folder")
-        try:
-            return load_transformers(name), f"transformers, from {name}", name
-        except (ImportError, OSError, ValueError, TypeError) as e:
-            raise TuneError(f"cannot load the transformers model {name!r}: {e}") from None
-    if not timm.is_model(name):
-        raise TuneError(f"unknown model {name!r}; allowed: a timm name (timm.list_models()), a transformers "
-                        f"save_pretrained folder, or {SHIPPED_PREFIX}NAME of a shipped model")
-    try:
-        model = timm.create_model(name, pretrained=pretrained, **(model_kwargs or {}))
-    except Exception as e:  # noqa: BLE001 (timm and the hub raise many kinds)
-        raise TuneError(f"cannot create timm model {name!r} with {model_kwargs or {}}: "
-                        f"{type(e).__name__}: {e}") from None
-    weights = "timm pretrained" if pretrained else "random"
-    if checkpoint:
-        try:
-            load_weights(model, checkpoint, strict=True, adapt=False)
-        except ValueError as e:
-            raise TuneError(str(e)) from None
-        weights = f"checkpoint {checkpoint}"
-    return unpatch(model).eval(), weights, None
 
 
 def load_data(kind: str, root: str | None, split: str, prep: Any, max_images: int, num_classes: int,
@@ -559,7 +512,11 @@ def run_request(req: TuneRequest, progress: Callable[[int, int, str], None] | No
     except ValueError as e:
         raise TuneError(str(e)) from None
     check_options(req.options, req.target_speedup, req.max_drop)
-    model, weights, folder = load_model(req.model, req.checkpoint, req.pretrained, req.model_kwargs)
+    try:
+        opened = open_model(req.model, req.checkpoint, req.pretrained, req.model_kwargs)
+    except ModelLoadError as e:
+        raise TuneError(str(e)) from None
+    model, weights, folder = opened.model, opened.weights, opened.folder
     source = f"the card of {req.model}" if req.model.startswith(SHIPPED_PREFIX) else None
     try:
         prep = resolve_preprocessing(model, folder, source=source, **req.preprocessing)
