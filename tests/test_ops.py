@@ -133,3 +133,17 @@ def test_prefix_tokens_never_match_even_when_most_similar():
     assert idx.src.tolist() == [[2], [2]]
     assert (idx.dst[torch.arange(2), idx.dst_slot[:, 0]] == 1).all()
     assert (idx.keep[:, 0] == 0).all()
+
+
+def test_head_mean_equals_the_mean_over_heads_bit_for_bit_with_its_gradient():
+    """The merging metric is ToMe's ``k.mean(dim=1)`` exactly, whichever way it is summed."""
+    for B, N, H, d in ((1, 197, 6, 64), (2, 17, 1, 8), (64, 50, 2, 32), (40, 50, 3, 32), (40, 50, 6, 32),
+                       (1, 50, 12, 16)):
+        qkv = torch.randn(B, N, 3 * H * d, requires_grad=True)
+        k = qkv.reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4)[1]  # the strided view attention leaves
+        ours, ref = ops.head_mean(k), k.mean(dim=1)
+        assert ours.shape == (B, N, d) and torch.equal(ours, ref), (B, N, H, d)
+        w = torch.randn_like(ref)
+        (g_ours,) = torch.autograd.grad((ours * w).sum(), qkv)
+        (g_ref,) = torch.autograd.grad((ref * w).sum(), qkv)
+        assert torch.equal(g_ours, g_ref)

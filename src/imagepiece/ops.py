@@ -26,6 +26,7 @@ __all__ = [
     "apply_select",
     "bipartite_matching",
     "class_attention",
+    "head_mean",
     "initial_positions",
     "initial_sources",
     "prune_select",
@@ -63,6 +64,24 @@ def class_attention(
     # Kept in fp32: casting back to fp16/bf16 would create ties that change the ranking.
     attn = logits.float().softmax(dim=-1).mean(dim=1)[:, 0]  # (B, N)
     return attn[:, num_prefix:]
+
+
+def head_mean(k: torch.Tensor) -> torch.Tensor:
+    """Mean over heads of keys ``(B, H, N, d)``: ToMe's merging metric, ``(B, N, d)``.
+
+    Equal bit for bit to ``k.mean(dim=1)``. On CPU, a mean over a few heads of the strided view
+    attention leaves is slow (the study's model, 2 heads at batch 256: 4x the time of adding the
+    heads' slices), while each added slice costs one call; so large keys with up to 6 heads
+    are added slice by slice, small ones (batch-1 serving) reduced in one call.
+    """
+    H = k.shape[1]
+    if H > 6 or (H > 2 and k[:, 0].numel() < 65536):
+        return k.mean(dim=1)
+    heads = k.unbind(1)
+    total = heads[0].clone() if H == 1 else heads[0] + heads[1]
+    for head in heads[2:]:
+        total += head
+    return total.div_(H) if H > 1 else total
 
 
 def proportional_bias(size: torch.Tensor) -> torch.Tensor:

@@ -481,12 +481,12 @@ def _block_step(layout: Layout, blk: nn.Module, x: torch.Tensor, st: _State, ste
         rank = scores / st.size[:, P:]
 
     if step.kind == "merge":
-        index = ops.bipartite_matching(k.mean(dim=1), step.r, P)
+        index = ops.bipartite_matching(ops.head_mean(k), step.r, P)
         x, st = _merge_state(index, x, st)
         rec.merged_similarity = index.similarity.detach()
     elif step.kind == "retokenize":
         index = ops.retokenize_matching(
-            k.mean(dim=1), rank, P, step.m, step.r, _centroids(st), step.locality, extent, step.pairs_only
+            ops.head_mean(k), rank, P, step.m, step.r, _centroids(st), step.locality, extent, step.pairs_only
         )
         x, st = _merge_state(index, x, st)
         rec.merged_similarity = index.similarity.detach()
