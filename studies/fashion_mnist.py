@@ -74,7 +74,7 @@ def make_study(a: argparse.Namespace) -> Study:
     if a.threads is not None:
         if a.threads < 1:
             raise StudyError(f"--threads {a.threads}: must be 1 or more")
-        cfg = dataclasses.replace(cfg, threads=a.threads)
+        cfg = dataclasses.replace(cfg, threads=a.threads, bench_threads=cfg.timing_threads)
     return Study(cfg, a.data, out, runs, progress=not a.quiet)
 
 

@@ -360,6 +360,22 @@ def test_threads_option_sets_the_calls_threads_and_refuses_nonsense(tmp_path):
         fashion_mnist.make_study(fashion_mnist.parse(["--threads", "0"]))
 
 
+def test_a_call_with_its_own_threads_finds_the_speed_timed_at_the_configurations(tmp_path, points_cache):
+    """Catches: a training call with --threads 1 reporting the study without its speed-ups (the
+    timing step's key followed the call's threads, so the speed timed at 2 threads read as stale)."""
+    shutil.copytree(points_cache, tmp_path / "points")
+
+    def speed_keys(*extra):
+        study = fashion_mnist.make_study(fashion_mnist.parse(["--config", "smoke", "--out", str(tmp_path),
+                                                              *extra]))
+        return {s.name: s.key for s in study.steps() if s.stage == "speed"}, study.cfg
+
+    default, cfg = speed_keys()
+    other, other_cfg = speed_keys("--threads", "2")
+    assert default and other == default
+    assert other_cfg.threads == 2 and other_cfg.timing_threads == cfg.timing_threads == 1
+
+
 def test_scratch_table_pairs_arms_and_stands_in_the_imagepiece_stem_control():
     """The from-scratch table pairs each arm with EViT and the stem baseline on the same images;
     ImagePiece's stem control (same training, the first round's knobs) is shown under a label

@@ -103,6 +103,9 @@ class StudyConfig:
     bench_batch: int = 256
     bench_warmup: int = 3
     bench_runs: int = 30
+    # Threads of the timing steps: the configuration's, whatever ``--threads`` a call trains with,
+    # so a call with ``--threads 1`` finds (and reports) the speed measured at the study's threads.
+    bench_threads: int | None = None
     baseline_val_target: float = 90.5  # val ran 0.54 above test for the 25-epoch baseline (recipe/)
     ft_gap_target: float = 1.5  # EViT keep 0.7 fine-tune vs baseline, val top-1 points
     tune_margin: float = 0.2  # least val gain over the default's seed mean to change a knob
@@ -112,6 +115,11 @@ class StudyConfig:
     train_images: int = 55_000  # for the cost estimate only
     eval_images: int = 15_000  # val + test, for the cost estimate only
     recipe: dict[str, Any] = field(default_factory=dict)  # overrides of RECIPE
+
+    @property
+    def timing_threads(self) -> int | None:
+        """Threads the speed steps run with (``bench_threads``, else ``threads``)."""
+        return self.threads if self.bench_threads is None else self.bench_threads
 
     @property
     def depth(self) -> int:

@@ -52,8 +52,17 @@ def _stats(times: dict[str, list[float]], batch: int, base: str) -> dict[str, di
 
 def measure_speed(ctx: Context, runs: dict[str, Run], rows: list[Row], key: str) -> dict[str, Any]:
     cfg = ctx.cfg
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    threads = torch.get_num_threads()
+    if cfg.timing_threads:
+        torch.set_num_threads(cfg.timing_threads)
+    try:
+        return _time_rows(ctx, runs, rows, key)
+    finally:
+        torch.set_num_threads(threads)  # the call's own threads again, for the steps after
+
+
+def _time_rows(ctx: Context, runs: dict[str, Run], rows: list[Row], key: str) -> dict[str, Any]:
+    cfg = ctx.cfg
     models = _models(ctx, runs, rows)
     x = torch.randn(cfg.bench_batch, 3, cfg.img_size, cfg.img_size, device=cfg.device)
     allocator = steady_allocator()

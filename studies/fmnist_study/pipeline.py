@@ -190,7 +190,7 @@ class Study:
     def _speed_step(self, name: str, rows: list[Row], runs: dict[str, Run], keys: dict[str, str]) -> Step:
         cfg = self.cfg
         key = key_of({"rows": [(r.name, keys[r.run], r.spec) for r in rows],
-                      "bench": [cfg.bench_batch, cfg.bench_warmup, cfg.bench_runs, cfg.threads]})
+                      "bench": [cfg.bench_batch, cfg.bench_warmup, cfg.bench_runs, cfg.timing_threads]})
         needs = tuple((self.ctx.layout.run_result(r.run), keys[r.run]) for r in rows)
         mm = sum(self.mmacs(runs[r.run], r.spec) for r in rows) / max(len(rows), 1)
         return Step(name, "speed", self.ctx.layout.file(f"{name.replace(':', '_')}.json"), key,
