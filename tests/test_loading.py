@@ -64,7 +64,7 @@ def test_unknown_names_and_bad_model_arguments_fail_in_one_line():
     with pytest.raises(ModelLoadError, match="unknown model 7"):
         check_model_name(7)
     assert check_model_name("shipped:anything") == "shipped:anything"
-    with pytest.raises(ModelLoadError, match=r"cannot create timm model 'vit_tiny_patch16_224' with \{'depht'"):
+    with pytest.raises(ModelLoadError, match=r"cannot create timm model 'vit_tiny_patch16_224' with \{'dep"):
         open_model("vit_tiny_patch16_224", model_kwargs={"depht": 2})
 
 
