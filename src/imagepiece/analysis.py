@@ -80,14 +80,13 @@ def load_model(name: str, model_kwargs: dict[str, Any] | None = None, checkpoint
     """The model ``name`` unpatched, in eval mode (:func:`imagepiece.loading.open_model`: a timm
     name with random weights drawn after ``seed`` or the weights of ``checkpoint``, a shipped
     model, a transformers folder); ``num_classes`` sizes a timm model's head."""
-    from .loading import SHIPPED_PREFIX, ModelLoadError, open_model
-    from .patch import is_transformers_path
+    from .loading import ModelLoadError, comes_with_config, open_model
 
     kwargs = dict(model_kwargs or {})
     if num_classes is not None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise AnalysisError(f"num_classes={num_classes!r} is not allowed; expected an integer >= 1")
-        if isinstance(name, str) and not name.startswith(SHIPPED_PREFIX) and not is_transformers_path(name):
+        if isinstance(name, str) and not comes_with_config(name):
             kwargs.setdefault("num_classes", num_classes)
     try:
         return open_model(name, checkpoint, model_kwargs=kwargs, seed=seed).model

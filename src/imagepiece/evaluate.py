@@ -20,8 +20,15 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .loading import SHIPPED_PREFIX, ModelLoadError, OpenedModel, check_model_name, open_model
-from .patch import describe, is_transformers_path
+from .loading import (
+    SHIPPED_PREFIX,
+    ModelLoadError,
+    OpenedModel,
+    check_model_name,
+    comes_with_config,
+    open_model,
+)
+from .patch import describe
 from .plan import parse_method
 
 __all__ = ["EvalConfig", "EvalError", "check_config", "evaluate_model", "evaluate_plans", "make_eval_loader",
@@ -258,8 +265,7 @@ def _model_name(cfg: EvalConfig) -> tuple[dict[str, Any], str]:
 
 def _brings_weights(cfg: EvalConfig, name: str) -> bool:
     """Whether the model's class count comes with it (not chosen to fit the data)."""
-    return bool(cfg.checkpoint or cfg.pretrained or name.startswith(SHIPPED_PREFIX)
-                or is_transformers_path(name))
+    return bool(cfg.checkpoint or cfg.pretrained or comes_with_config(name))
 
 
 def _preprocessing(cfg: EvalConfig, model: nn.Module, folder: str | None, run: dict[str, Any],
@@ -304,7 +310,7 @@ def _eval_model(cfg: EvalConfig, name: str, run: dict[str, Any], dataset: str, n
     the one asked, is refused."""
     from .models import fixed_input_size
 
-    own = name.startswith(SHIPPED_PREFIX) or is_transformers_path(name)  # comes with its config
+    own = comes_with_config(name)
     kwargs, size = dict(cfg.model_kwargs), cfg.img_size
     if not own:
         kwargs = dict((run.get("config") or {}).get("model_kwargs") or run.get("model_kwargs") or {})

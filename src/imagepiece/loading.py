@@ -17,7 +17,8 @@ import torch.nn as nn
 
 from .patch import is_transformers_path, load_transformers, unpatch
 
-__all__ = ["SHIPPED_PREFIX", "ModelLoadError", "OpenedModel", "check_model_name", "open_model"]
+__all__ = ["SHIPPED_PREFIX", "ModelLoadError", "OpenedModel", "check_model_name", "comes_with_config",
+           "open_model"]
 
 SHIPPED_PREFIX = "shipped:"
 
@@ -34,6 +35,12 @@ class OpenedModel:
     model: nn.Module
     weights: str
     folder: str | None = None
+
+
+def comes_with_config(name: str) -> bool:
+    """Whether the model ``name`` brings its own weights and config (a shipped model or a
+    transformers folder), so timm's options (checkpoint, pretrained, model kwargs) do not apply."""
+    return name.startswith(SHIPPED_PREFIX) or is_transformers_path(name)
 
 
 def check_model_name(name: object) -> str:
@@ -60,7 +67,7 @@ def open_model(name: str, checkpoint: str | None = None, pretrained: bool = Fals
     ``checkpoint``, ``pretrained`` and ``model_kwargs`` apply to timm names only: a shipped or
     transformers model comes with its weights and config."""
     check_model_name(name)
-    if name.startswith(SHIPPED_PREFIX) or is_transformers_path(name):
+    if comes_with_config(name):
         if checkpoint or pretrained or model_kwargs:
             raise ModelLoadError("--checkpoint, --pretrained and --model-arg apply to timm names; a "
                                  "shipped or transformers model comes with its weights and config")
