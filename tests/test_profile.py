@@ -68,3 +68,60 @@ def test_bench_profile_refuses_what_it_cannot_profile(tmp_path):
         assert res.exit_code == 2, res.output
         assert word in res.output and "Traceback" not in res.output
     assert not (tmp_path / "a.csv").exists()
+
+
+def _wall(specs, runs=3):
+    from imagepiece.measure.profile import wall_forward_parts
+
+    models = {s: _model(s) for s in specs}
+    rows = wall_forward_parts(models, torch.randn(2, 3, 32, 32), runs=runs, warmup=1)
+    return {s: {r.part: r for r in rows[s]} for s in specs}
+
+
+def test_the_wall_clock_times_each_method_in_its_own_parts():
+    parts = _wall(["tome:r=4", "evit:keep_rate=0.5", "none"])
+    tome, evit, none = parts["tome:r=4"], parts["evit:keep_rate=0.5"], parts["none"]
+    assert tome["matching"].ms > 0 and tome["state"].ms > 0 and tome["ranking"].ms == 0
+    assert evit["ranking"].ms > 0 and evit["scores"].ms > 0 and evit["matching"].ms == 0
+    assert none["block"].ms > 0 and all(none[p].ms == 0 for p in ("scores", "matching", "state"))
+    assert all(r.ops is None for p in parts.values() for r in p.values())
+
+
+def test_the_wall_clock_puts_the_time_where_it_was_spent(monkeypatch):
+    import time
+
+    matching = ops.bipartite_matching
+
+    def slow(*args, **kwargs):  # 50 ms more in every ToMe matching (4 blocks), spinning: a
+        end = time.perf_counter() + 0.05  # sleeping process may wait to be scheduled again
+        while time.perf_counter() < end:
+            pass
+        return matching(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "bipartite_matching", slow)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a busy machine a woken worker thread may wait for a core
+    try:
+        tome = _wall(["tome:r=4"])["tome:r=4"]
+    finally:
+        torch.set_num_threads(threads)
+    assert tome["matching"].ms >= 200
+    assert max(tome[p].ms for p in ("state", "step other", "attention", "mlp", "bias")) < 50
+    assert ops.bipartite_matching is slow  # restored to what it was
+
+
+def test_bench_profile_on_the_wall_clock(tmp_path):
+    out = tmp_path / "w.json"
+    res = CliRunner().invoke(app, ["bench", *ARGS, "--method", "tome:r=4", "--profile", "--clock", "wall",
+                                   "--runs", "2", "--warmup", "1", "-b", "2", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "wall-clock" in res.output and "reduction share" in res.output
+    import json
+
+    data = json.loads(out.read_text())
+    assert data["config"]["clock"] == "wall"
+    rows = data["profile"]["tome:r=4"]
+    assert all(r["ops"] is None for r in rows) and any(r["part"] == "matching" and r["ms"] > 0 for r in rows)
+    for extra, word in ((["--clock", "wall"], "--profile only"), (["--profile", "--clock", "cpu"], "'cpu'")):
+        res = CliRunner().invoke(app, ["bench", *ARGS, *extra])
+        assert res.exit_code == 2 and word in res.output and "Traceback" not in res.output, res.output

@@ -63,12 +63,13 @@ from .measure import (
     count_gmacs,
     inference_context,
     machine_info,
+    paired_ratio_interval,
     peak_memory,
     quantiles,
     steady_allocator,
     time_interleaved,
 )
-from .measure.profile import ProfileRow, profile_forward
+from .measure.profile import CLOCKS, ProfileRow, profile_forward, wall_forward_parts
 from .patch import describe, patch, set_grad_checkpointing
 from .plan import PRESETS, MethodError, format_method, knob_names, make_plan, parse_method
 
@@ -144,6 +145,9 @@ class BenchConfig:
     grad_checkpointing: bool = False  # training mode: the family's gradient checkpointing
     #: Sample other processes' CPU use and time a calibration kernel around the rounds.
     busy_check: bool = True
+    #: ``run_profile`` only: "profiler" (torch.profiler, times and ATen op counts) or "wall"
+    #: (wall-clock timers around the same parts, plans interleaved; times only).
+    clock: str = "profiler"
 
 
 @dataclass
@@ -185,6 +189,11 @@ class VariantResult:
     #: 1 - limit median / variant median: share of the time spent beyond the plan's limit
     #: (choosing, merging, tracking tokens).
     reduction_share: float | None = None
+    #: 95% intervals (paired bootstrap over rounds, :func:`paired_ratio_interval`) of the
+    #: speed-up, the efficiency and the reduction share; None with fewer than 3 rounds.
+    speedup_ci: tuple[float, float] | None = None
+    efficiency_ci: tuple[float, float] | None = None
+    reduction_share_ci: tuple[float, float] | None = None
     prep_s: float | None = None  # compile or export, plus the first call; never timed
     error: str | None = None  # why the variant could not run under its backend
 
@@ -542,7 +551,7 @@ def _measure_group(config: BenchConfig, setup: _Setup, group: tuple, calls: int,
             between=monitor.round if monitor is not None else None)
     report = monitor.stop() if monitor is not None else None
     peaks = {k: peak_memory(fn, x, device, ctx) for k, fn in fns.items() if k[0] == "v"}
-    return _summarise(setup, group, times, prep, errors, peaks), report
+    return _summarise(setup, group, times, prep, errors, peaks, calls), report
 
 
 def _speeds(t: list[float] | None, base_t: list[float] | None, batch: int) -> dict[str, Any]:
@@ -566,7 +575,7 @@ def _speeds(t: list[float] | None, base_t: list[float] | None, batch: int) -> di
 
 
 def _summarise(setup: _Setup, group: tuple, times: dict, prep: dict, errors: dict,
-               peaks: dict) -> list[VariantResult]:
+               peaks: dict, calls: int) -> list[VariantResult]:
     mode, backend, device, dtype, batch, nthreads = group
     base_t = times.get(("v", "none"))
     out = []
@@ -579,6 +588,7 @@ def _summarise(setup: _Setup, group: tuple, times: dict, prep: dict, errors: dic
             prep_s=None if backend == "eager" else prep.get(("v", label)),
             peak_mem_mib=peaks.get(("v", label)), **_speeds(t, base_t, batch))
         _add_limit(v, setup, times, errors, base_t)
+        _add_intervals(v, base_t, calls)
         out.append(v)
     return out
 
@@ -606,6 +616,19 @@ def _add_limit(v: VariantResult, setup: _Setup, times: dict, errors: dict,
         v.efficiency_best = min(lt) / min(v.times)
 
 
+def _add_intervals(v: VariantResult, base_t: list[float] | None, calls: int) -> None:
+    """Paired 95% intervals of the variant's ratios, each the ratio its point value is."""
+    if not v.times:
+        return
+    rate = [1 / s for s in v.times]
+    if base_t:  # speed-up: median img/s over the baseline's
+        v.speedup_ci = paired_ratio_interval(rate, [1 / s for s in base_t], calls)
+    if v.limit_times:  # efficiency: median img/s over the limit's
+        v.efficiency_ci = paired_ratio_interval(rate, [1 / s for s in v.limit_times], calls)
+        share = paired_ratio_interval(v.limit_times, v.times, calls)  # limit p50 / variant p50
+        v.reduction_share_ci = None if share is None else (1 - share[1], 1 - share[0])
+
+
 # --------------------------------------------------------------------------------------
 # Profile: where a forward pass spends its time
 # --------------------------------------------------------------------------------------
@@ -629,10 +652,11 @@ class ProfileResult:
 
 def run_profile(config: BenchConfig, progress: Callable[[int, int, str], None] | None = None
                 ) -> ProfileResult:
-    """Profile ``config.runs`` forward passes of every plan with ``torch.profiler`` (CPU, eager,
-    inference, the first batch size and thread count): milliseconds and ATen operations of the
-    block compute and of each part of the reduction. Raises :class:`BenchError` first for a
-    request it cannot profile."""
+    """Split ``config.runs`` forward passes of every plan (CPU, eager, inference, the first batch
+    size and thread count) into the block compute and each part of the reduction: with
+    ``torch.profiler`` (milliseconds and ATen operations) or, with ``clock="wall"``, wall-clock
+    timers around the same parts, the plans interleaved round by round (milliseconds only).
+    Raises :class:`BenchError` first for a request it cannot profile."""
     req = _validate(config)
     asked = {"--mode": (config.mode, "inference"), "--device": (req.devices[0], "cpu"),
              "--backend": (req.backends[0], "eager"), "--dtype": (req.dtypes[0], "fp32")}
@@ -642,24 +666,35 @@ def run_profile(config: BenchConfig, progress: Callable[[int, int, str], None] |
                              f"(allowed: {allowed})")
     if config.amp:
         raise BenchError("--profile times CPU ops of eager fp32 inference; --amp is not allowed")
+    if config.clock not in CLOCKS:
+        raise BenchError(f"--clock {config.clock!r} is not allowed; expected one of {', '.join(CLOCKS)}")
     config = dataclasses.replace(config, limit=False)  # no limits: nothing is timed against them
     base, _ = _create_model(config)
     gen = torch.Generator().manual_seed(config.seed)
     setup = _setup(config, base, gen)
     batch, threads = req.batches[0], req.threads[0]
     x = torch.randn(batch, *setup.image, generator=gen)
+    # the runtime with a plan that reduces nothing labels its blocks
+    models = {label: (patch(copy.deepcopy(m), "none") if label == "none" else m).eval()
+              for label, m in setup.models.items()}
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
-    rows: dict[str, list[ProfileRow]] = {}
     try:
-        for i, (label, model) in enumerate(setup.models.items()):
-            if label == "none":  # the runtime with a plan that reduces nothing labels its blocks
-                model = patch(copy.deepcopy(model), "none")
+        if config.clock == "wall":
+            if config.allocator == "steady":
+                steady_allocator()  # as the bench times: no page faults left by another plan
             if progress is not None:
-                progress(i, len(setup.models), f"profiling {label}")
-            rows[label] = profile_forward(model.eval(), x, runs=config.runs, warmup=config.warmup)
+                progress(0, 1, f"timing the parts of {len(models)} plans, interleaved")
+            rows = wall_forward_parts(models, x, runs=config.runs, warmup=config.warmup,
+                                      seed=config.seed)
+        else:
+            rows = {}
+            for i, (label, model) in enumerate(models.items()):
+                if progress is not None:
+                    progress(i, len(models), f"profiling {label}")
+                rows[label] = profile_forward(model, x, runs=config.runs, warmup=config.warmup)
     finally:
         torch.set_num_threads(old)
     cfg = {"model": config.model, "methods": [m[0] for m in setup.methods], "batch": batch,
-           "threads": threads, "runs": config.runs, "warmup": config.warmup}
+           "threads": threads, "runs": config.runs, "warmup": config.warmup, "clock": config.clock}
     return ProfileResult(cfg, machine_info(["cpu"]), rows, setup.gmacs)

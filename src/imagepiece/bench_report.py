@@ -19,7 +19,9 @@ _CSV_FIELDS = ["label", "plan", "knobs", "mode", "backend", "device", "dtype", "
                "gmacs", "limit_gmacs", "final_tokens", "tokens_per_block", "ips_median", "ips_q1",
                "ips_q3", "ips_min", "ips_max", "speedup", "speedup_rounds", "speedup_best",
                "limit_ips_median", "limit_speedup", "efficiency", "efficiency_best",
-               "ms_p50", "ms_p90", "ms_p99", "limit_ms_p50", "reduction_share", "prep_s",
+               "ms_p50", "ms_p90", "ms_p99", "limit_ms_p50", "reduction_share", "speedup_ci_lo",
+               "speedup_ci_hi", "efficiency_ci_lo", "efficiency_ci_hi", "reduction_share_ci_lo",
+               "reduction_share_ci_hi", "prep_s",
                "peak_mem_mib", "error"]
 
 
@@ -53,6 +55,9 @@ def _csv_row(v: Any) -> dict[str, Any]:
     d = v.as_dict()
     d["knobs"] = json.dumps(d["knobs"])
     d["tokens_per_block"] = " ".join(f"{a}>{b}" for a, b in v.tokens)
+    for name in ("speedup", "efficiency", "reduction_share"):
+        ci = d.get(f"{name}_ci")
+        d[f"{name}_ci_lo"], d[f"{name}_ci_hi"] = (None, None) if ci is None else ci
     return {k: ("" if d.get(k) is None else d.get(k)) for k in _CSV_FIELDS}
 
 
@@ -99,6 +104,13 @@ def _fmt(v: float | None, spec: str, suffix: str = "") -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
     return format(v, spec) + suffix
+
+
+def _with_ci(v: float | None, ci: Any, spec: str, suffix: str = "") -> str:
+    """``value (lo, hi)``: a ratio and its paired 95% interval, where there is one."""
+    if v is None or ci is None:
+        return _fmt(v, spec, suffix)
+    return f"{_fmt(v, spec, suffix)} ({_fmt(ci[0], spec)}, {_fmt(ci[1], spec)})"
 
 
 def _groups(result: Any) -> dict[tuple, list]:
@@ -158,9 +170,9 @@ def _throughput_table(title: str, vs: list, backend: str):
     cols = ["variant", "GMACs", "tokens out", "img/s", "img/s IQR", "speed-up", "per-round", "best",
             "limit img/s", "limit x", "efficiency", "eff. best", "peak MiB"]
     rows = [[v.label, _gmacs(v.gmacs), str(v.final_tokens), _fmt(v.ips_median, ".1f"),
-             _iqr(v), _fmt(v.speedup, ".2f", "x"), _fmt(v.speedup_rounds, ".2f", "x"),
+             _iqr(v), _with_ci(v.speedup, v.speedup_ci, ".2f", "x"), _fmt(v.speedup_rounds, ".2f", "x"),
              _fmt(v.speedup_best, ".2f", "x"), _fmt(v.limit_ips_median, ".1f"),
-             _fmt(v.limit_speedup, ".2f"), _fmt(v.efficiency, ".3f"),
+             _fmt(v.limit_speedup, ".2f"), _with_ci(v.efficiency, v.efficiency_ci, ".3f"),
              _fmt(v.efficiency_best, ".3f"), _fmt(v.peak_mem_mib, ".0f")] for v in vs]
     return _table(title, cols, rows, vs, backend)
 
@@ -169,8 +181,8 @@ def _latency_table(title: str, vs: list, backend: str):
     cols = ["variant", "GMACs", "tokens out", "p50 ms", "p90 ms", "p99 ms", "speed-up (p50)",
             "limit p50 ms", "reduction share", "peak MiB"]
     rows = [[v.label, _gmacs(v.gmacs), str(v.final_tokens), _fmt(v.ms_p50, ".2f"),
-             _fmt(v.ms_p90, ".2f"), _fmt(v.ms_p99, ".2f"), _fmt(v.speedup, ".2f", "x"),
-             _fmt(v.limit_ms_p50, ".2f"), _fmt(v.reduction_share, ".0%"),
+             _fmt(v.ms_p90, ".2f"), _fmt(v.ms_p99, ".2f"), _with_ci(v.speedup, v.speedup_ci, ".2f", "x"),
+             _fmt(v.limit_ms_p50, ".2f"), _with_ci(v.reduction_share, v.reduction_share_ci, ".0%"),
              _fmt(v.peak_mem_mib, ".0f")] for v in vs]
     return _table(title, cols, rows, vs, backend)
 
@@ -209,8 +221,8 @@ def render(result: Any, console=None) -> None:
 
     if console is None:
         console = Console()
-        if not console.is_terminal or console.width < 170:
-            console = Console(width=170)
+        if not console.is_terminal or console.width < 200:  # the widest table, unwrapped
+            console = Console(width=200)
     _header(result, console)
     latency = bool(result.config.get("latency"))
     for key, vs in _groups(result).items():
@@ -220,8 +232,10 @@ def render(result: Any, console=None) -> None:
                   if v.ips_median), default=0.0)
     if spread > NOISY_IQR:
         console.print(f"[bold red]noisy timings: an img/s IQR reaches {spread:.0%} of its median "
-                      "(other processes were competing for the CPU). Do not trust these ratios; "
-                      "rerun on a quiet machine or with more --runs.[/bold red]")
+                      "(other processes were competing for the CPU). Do not trust single timings; "
+                      "a ratio is known only as well as its interval (paired over rounds, which "
+                      "cancels a slow spell both sides shared); rerun on a quiet machine or with "
+                      "more --runs.[/bold red]")
     _busy_warning(result, console)
     _tokens(result, console)
     _legend(result, console, latency)
@@ -243,12 +257,13 @@ def _legend(result: Any, console: Any, latency: bool) -> None:
                       "medians to the unmodified model; limit = same blocks on pre-cut sequences; "
                       "reduction share = 1 - limit p50 / variant p50, the share of a call spent "
                       "choosing, merging and tracking tokens (noise level: the unmodified model's "
-                      "own row).")
+                      "own row). (lo, hi): 95% interval, paired bootstrap over rounds.")
     else:
         console.print("speed-up = ratio of median img/s to the unmodified model; per-round = "
                       "median of per-round ratios; best = ratio of the best (least disturbed) "
                       "img/s; limit = same blocks on pre-cut sequences; efficiency = speed-up / "
-                      "limit speed-up (medians; eff. best from best img/s).")
+                      "limit speed-up (medians; eff. best from best img/s). (lo, hi): 95% interval, "
+                      "paired bootstrap over rounds.")
     console.print("GMACs: forward pass per image. Peak memory: CUDA only (n/a on CPU). compile s / "
                   "export s: preparation and first call, never timed. The baseline of each table "
                   "runs through the same backend and mode. On a shared CPU only ratios from one "
@@ -261,15 +276,18 @@ def _legend(result: Any, console: Any, latency: bool) -> None:
 
 
 def render_profile(result: Any, console=None) -> None:
-    """One table: a row per part of the forward pass, a column per plan, ``ms (ops)`` each."""
+    """One table: a row per part of the forward pass, a column per plan, ``ms (ops)`` each
+    (``ms`` on the wall clock), then the reduction, the total and the reduction's share."""
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console(width=170)
     cfg = result.config
+    wall = cfg.get("clock") == "wall"
+    how = (f"wall-clock ms per forward pass, median of {cfg['runs']} passes, plans interleaved"
+           if wall else f"ms per forward pass (ATen ops launched), mean of {cfg['runs']} profiled passes")
     table = Table(title=f"{cfg['model']}, batch {cfg['batch']}, {cfg['threads']} thread(s), CPU fp32 "
-                        f"eager: ms per forward pass (ATen ops launched), mean of {cfg['runs']} "
-                        "profiled passes")
+                        f"eager: {how}")
     labels = list(result.rows)
     table.add_column("part")
     for label in labels:
@@ -277,10 +295,14 @@ def render_profile(result: Any, console=None) -> None:
     parts = [r.part for r in next(iter(result.rows.values()))]
     for i, part in enumerate(parts):
         table.add_row(part, *(_cell(result.rows[lb][i].ms, result.rows[lb][i].ops) for lb in labels))
+    sums = {}
     for name, keep in (("reduction", lambda r: r.is_reduction), ("total", lambda r: True)):
-        table.add_row(name, *(_cell(sum(r.ms for r in result.rows[lb] if keep(r)),
-                                    sum(r.ops for r in result.rows[lb] if keep(r))) for lb in labels),
-                      style="bold")
+        sums[name] = {lb: (sum(r.ms for r in result.rows[lb] if keep(r)),
+                           None if wall else sum(r.ops for r in result.rows[lb] if keep(r)))
+                      for lb in labels}
+        table.add_row(name, *(_cell(*sums[name][lb]) for lb in labels), style="bold")
+    table.add_row("reduction share", *(f"{sums['reduction'][lb][0] / sums['total'][lb][0]:.1%}"
+                                       if sums["total"][lb][0] else "-" for lb in labels))
     console.print(table)
     console.print(
         "attention/mlp: the block's own compute where a block reduces (attention includes the "
@@ -288,9 +310,14 @@ def render_profile(result: Any, console=None) -> None:
         "attention; bias: log sizes; matching: ToMe/ImagePiece matching; ranking: EViT top-k; "
         "state: gathers and scatters of tokens, sizes, positions and sources; step other: the "
         "metric (mean key) and size-normalised scores; reduction = scores + bias + matching + "
-        "ranking + state + step other. Profiler times include its own per-op cost: compare "
-        "columns, not with `imagepiece bench`.")
+        "ranking + state + step other; share = reduction / total. "
+        + ("Wall clock: timers around the parts, no profiler; each part's median over the "
+           "passes (so the parts need not add up to the median total exactly)." if wall else
+           "Profiler times include its own per-op cost: compare columns, not with "
+           "`imagepiece bench` (--clock wall times the parts without the profiler)."))
 
 
-def _cell(ms: float, ops: float) -> str:
+def _cell(ms: float, ops: float | None) -> str:
+    if ops is None:
+        return f"{ms:.2f}" if ms else "-"
     return f"{ms:.2f} ({ops:.0f})" if ops or ms else "-"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import typer
@@ -92,6 +93,10 @@ def bench(
                                       "with torch.profiler (CPU, eager, fp32 inference): ms and "
                                       "ATen ops of the block compute and of each part of the "
                                       "reduction (docs/benchmarks.md)."),
+    clock: str = typer.Option(None, "--clock",
+                              help="With --profile: profiler (torch.profiler: ms and ATen ops; "
+                                   "default) or wall (wall-clock timers around the same parts, "
+                                   "plans interleaved, no profiler cost)."),
     json_path: str = typer.Option(None, "--json", help="Write all results as JSON."),
     csv_path: str = typer.Option(None, "--csv", help="Write one CSV row per variant."),
     plot_path: str = typer.Option(None, "--plot",
@@ -114,6 +119,10 @@ def bench(
             mode=mode, latency=latency, calls=calls, backends=tuple(backend), amp=amp,
             grad_checkpointing=grad_checkpointing, busy_check=busy_check,
         )
+        if clock is not None and not profile:
+            raise B.BenchError(f"--clock {clock} applies to --profile only")
+        if clock is not None:
+            config = dataclasses.replace(config, clock=clock)
         if profile and (csv_path or plot_path):
             raise B.BenchError("--profile writes --json only; --csv and --plot are for timings")
         result = _bench_run(config, B.run_profile if profile else B.run_benchmark)

@@ -13,7 +13,14 @@ from .backends import BACKENDS, DTYPES, MODES, build, check_dtype, inference_con
 from .busy import BusyMonitor, BusyReport
 from .gmacs import count_gmacs
 from .limit import LimitViT
-from .timing import machine_info, peak_memory, quantiles, steady_allocator, time_interleaved
+from .timing import (
+    machine_info,
+    paired_ratio_interval,
+    peak_memory,
+    quantiles,
+    steady_allocator,
+    time_interleaved,
+)
 
 __all__ = [
     "BACKENDS",
@@ -27,6 +34,7 @@ __all__ = [
     "count_gmacs",
     "inference_context",
     "machine_info",
+    "paired_ratio_interval",
     "peak_memory",
     "quantiles",
     "steady_allocator",

@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["machine_info", "peak_memory", "quantiles", "steady_allocator", "time_interleaved"]
+__all__ = ["machine_info", "paired_ratio_interval", "peak_memory", "quantiles", "steady_allocator",
+           "time_interleaved"]
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
@@ -75,6 +76,35 @@ def quantiles(values: list[float]) -> tuple[float, float]:
         return values[0], values[0]
     q = statistics.quantiles(values, n=4, method="inclusive")
     return q[0], q[2]
+
+
+def paired_ratio_interval(num: Sequence[float], den: Sequence[float], calls: int = 1,
+                          level: float = 0.95, resamples: int = 2000, seed: int = 0
+                          ) -> tuple[float, float] | None:
+    """Bootstrap interval of ``median(num) / median(den)`` over rounds, the pairs kept together.
+
+    ``num`` and ``den`` hold ``calls`` values per round in round order (as
+    :func:`time_interleaved` returns them). Each resample draws whole rounds with replacement and
+    takes the same rounds from both, so a slow spell that hit both sides of a round cancels in
+    the ratio instead of widening the interval. ``None`` below 3 rounds or for unequal lengths.
+    """
+    rounds = len(num) // calls if calls > 0 else 0
+    if rounds < 3 or len(num) != len(den) or len(num) != rounds * calls:
+        return None
+    n = torch.tensor(list(num), dtype=torch.float64).view(rounds, calls)
+    d = torch.tensor(list(den), dtype=torch.float64).view(rounds, calls)
+    pick = torch.randint(rounds, (resamples, rounds), generator=torch.Generator().manual_seed(seed))
+    ratio = _median(n[pick].view(resamples, -1)) / _median(d[pick].view(resamples, -1))
+    tail = (1 - level) / 2
+    lo, hi = torch.quantile(ratio, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return lo, hi
+
+
+def _median(x: torch.Tensor) -> torch.Tensor:
+    """Row medians as :func:`statistics.median` takes them (the mean of the middle two)."""
+    s = x.sort(dim=1).values
+    m = s.shape[1]
+    return (s[:, (m - 1) // 2] + s[:, m // 2]) / 2
 
 
 def peak_memory(fn: Callable, x: torch.Tensor, device: str, ctx: Callable) -> float | None:
