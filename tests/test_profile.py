@@ -125,3 +125,29 @@ def test_bench_profile_on_the_wall_clock(tmp_path):
     for extra, word in ((["--clock", "wall"], "--profile only"), (["--profile", "--clock", "cpu"], "'cpu'")):
         res = CliRunner().invoke(app, ["bench", *ARGS, *extra])
         assert res.exit_code == 2 and word in res.output and "Traceback" not in res.output, res.output
+
+
+def test_the_wall_clock_counts_a_part_run_inside_another_once(monkeypatch):
+    import time
+
+    select, merge_state = ops.prune_select, runtime._merge_state
+
+    def slow_select(*args, **kwargs):  # 50 ms, spinning
+        end = time.perf_counter() + 0.05
+        while time.perf_counter() < end:
+            pass
+        return select(*args, **kwargs)
+
+    def state_that_ranks(*args, **kwargs):  # a labelled part (ranking) inside another (state)
+        ops.prune_select(torch.rand(1, 4), 0, 2)
+        return merge_state(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "prune_select", slow_select)
+    monkeypatch.setattr(runtime, "_merge_state", state_that_ranks)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tome = _wall(["tome:r=4"])["tome:r=4"]
+    finally:
+        torch.set_num_threads(threads)
+    assert tome["state"].ms >= 200 and tome["ranking"].ms == 0
