@@ -119,9 +119,9 @@ def bench(
             mode=mode, latency=latency, calls=calls, backends=tuple(backend), amp=amp,
             grad_checkpointing=grad_checkpointing, busy_check=busy_check,
         )
-        if clock is not None and not profile:
-            raise B.BenchError(f"--clock {clock} applies to --profile only")
         if clock is not None:
+            if not profile:
+                raise B.BenchError(f"--clock {clock} applies to --profile only")
             config = dataclasses.replace(config, clock=clock)
         if profile and (csv_path or plot_path):
             raise B.BenchError("--profile writes --json only; --csv and --plot are for timings")

@@ -94,17 +94,12 @@ def paired_ratio_interval(num: Sequence[float], den: Sequence[float], calls: int
     n = torch.tensor(list(num), dtype=torch.float64).view(rounds, calls)
     d = torch.tensor(list(den), dtype=torch.float64).view(rounds, calls)
     pick = torch.randint(rounds, (resamples, rounds), generator=torch.Generator().manual_seed(seed))
-    ratio = _median(n[pick].view(resamples, -1)) / _median(d[pick].view(resamples, -1))
+    # torch.quantile at 0.5 interpolates the middle two, as statistics.median does
+    ratio = (torch.quantile(n[pick].view(resamples, -1), 0.5, dim=1)
+             / torch.quantile(d[pick].view(resamples, -1), 0.5, dim=1))
     tail = (1 - level) / 2
     lo, hi = torch.quantile(ratio, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
     return lo, hi
-
-
-def _median(x: torch.Tensor) -> torch.Tensor:
-    """Row medians as :func:`statistics.median` takes them (the mean of the middle two)."""
-    s = x.sort(dim=1).values
-    m = s.shape[1]
-    return (s[:, (m - 1) // 2] + s[:, m // 2]) / 2
 
 
 def peak_memory(fn: Callable, x: torch.Tensor, device: str, ctx: Callable) -> float | None:
