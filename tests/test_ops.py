@@ -102,6 +102,17 @@ def test_class_attention_is_a_distribution_over_all_tokens():
     assert s_mean.shape == (2, 10) and torch.allclose(s_mean.sum(1), torch.ones(2), atol=1e-5)
 
 
+def test_class_attention_on_strided_keys_with_a_bias_is_the_biased_attention_row():
+    """Keys as attention leaves them (a view of the fused qkv projection) and a proportional-
+    attention bias ``(B, 1, 1, N)``: the scores are the [CLS] row of the biased attention."""
+    qkv = torch.randn(2, 10, 3, 3, 4).permute(2, 0, 3, 1, 4)
+    q, k, _ = qkv.unbind(0)
+    bias = ops.proportional_bias(torch.rand(2, 10) + 0.5)
+    s = ops.class_attention(q, k, 0.5, 1, True, bias)
+    full = ((q * 0.5) @ k.transpose(-2, -1) + bias).softmax(-1).mean(1)[:, 0, 1:]
+    assert s.shape == (2, 9) and torch.allclose(s, full, atol=1e-6)
+
+
 def test_one_image_decisions_equal_the_batched_ones():
     """Batch 1 takes a shorter indexing path; each image must get what it gets in a batch."""
     torch.manual_seed(0)

@@ -58,11 +58,14 @@ def class_attention(
     q, k: ``(B, H, N, d)``; bias: ``(B, 1, 1, N)`` additive logit bias (proportional attention).
     """
     query = q[:, :, :1] if has_class_token else q.mean(dim=2, keepdim=True)
-    logits = (query * scale) @ k.transpose(-2, -1)  # (B, H, 1, N)
+    # Keys times the query column, not query times transposed keys: on CPU the transposed
+    # strided keys are copied first (DeiT-S, batch 32: 8.0 against 4.6 ms;
+    # studies/class_attention_micro.py). The same products up to float rounding.
+    logits = (k @ (query * scale).transpose(-2, -1)).squeeze(-1)  # (B, H, N)
     if bias is not None:
-        logits = logits + bias
+        logits = logits + bias.squeeze(2)
     # Kept in fp32: casting back to fp16/bf16 would create ties that change the ranking.
-    attn = logits.float().softmax(dim=-1).mean(dim=1)[:, 0]  # (B, N)
+    attn = logits.float().softmax(dim=-1).mean(dim=1)  # (B, N)
     return attn[:, num_prefix:]
 
 
