@@ -146,6 +146,30 @@ def test_paired_interval_uses_the_same_images_for_both_arms():
     assert P.unpack(P.pack(a), len(a)).tolist() == a.tolist()
 
 
+def test_two_seeds_borrow_the_pooled_std_until_enough_seeds_back_their_own():
+    """Catches: the std of two seeds (one degree of freedom) used as the point's or the
+    protocol's seed noise: two seeds that agree by chance would drop the seed term to zero, and
+    one pair of from-scratch seeds would replace the study-wide pooled std."""
+    from fmnist_study import paired as P
+    from fmnist_study.summary import pooled_seed_std
+
+    pair = P.Term(1.0, (_vec(9000), _vec(9000)))  # two seeds, identical accuracy: own std 0
+    assert pair.seed_var(pooled=0.3) == pytest.approx(0.3**2 / 2)
+
+    def rows(kind, group, accs):
+        return [{"kind": kind, "group": group, "point": "k07", "test_top1": a} for a in accs]
+
+    ft = rows("fine-tuned", "evit", [89.0, 89.4, 89.2]) + rows("fine-tuned", "tome", [89.0, 89.4, 89.2])
+    one_pair = pooled_seed_std(ft + rows("from-scratch", "evit", [91.80, 91.81]))
+    assert one_pair["from-scratch-dof"] == 1 and one_pair["from-scratch-own"] < 0.01
+    expected = math.sqrt((4 * 0.2**2 + 0.01**2 / 2) / 5)  # df-weighted over all five degrees
+    assert one_pair["from-scratch"] == pytest.approx(expected, rel=1e-6)
+    three = pooled_seed_std(ft + [r for g in ("none", "evit", "tome")
+                                  for r in rows("from-scratch", g, [91.0, 91.6])])
+    assert three["from-scratch-dof"] == 3
+    assert three["from-scratch"] == pytest.approx(three["from-scratch-own"]) and three["from-scratch"] > 0.4
+
+
 def test_matched_claim_carries_interpolation_weights_and_pooled_seed_noise():
     """Catches: a matched value read off a curve compared without its interpolation weights (or
     with the wrong neighbours), an off-the-shelf comparison given seed noise."""

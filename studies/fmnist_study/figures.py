@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .paired import MIN_OWN_SEEDS, MIN_POOLED_DOF
 from .report import KINDS, METHODS
 
 COLOURS = {"tome": "tab:blue", "evit": "tab:orange", "imagepiece": "tab:green"}
@@ -108,6 +109,17 @@ def _interval(r: dict[str, Any], name: str) -> str:
     return "-" if d is None else f"{d:+.2f} [{r[f'vs_{name}_lo']:+.2f}, {r[f'vs_{name}_hi']:+.2f}]"
 
 
+def _pooled_source(pooled: dict[str, float]) -> str:
+    """Where the from-scratch pooled seed std comes from, for the table's note."""
+    dof = int(pooled.get("from-scratch-dof", 0))
+    if pooled["from-scratch-own"] == pooled["from-scratch"]:
+        return f", from the from-scratch arms' own seeds ({dof} degrees of freedom)"
+    return (f", pooled over every seeded group of the study: the from-scratch arms' own seeds give "
+            f"{dof} of the {MIN_POOLED_DOF} degrees of freedom needed to use them alone"
+            + ("" if dof == 0 else f" (their own: {pooled['from-scratch-own']:.2f})")
+            + f"; an arm's own std is used from {MIN_OWN_SEEDS} seeds")
+
+
 def scratch_md(S: dict[str, Any]) -> str:
     rows = [[r["arm"], r["point"], f"`{r['spec']}`", r["seeds"], _num(r["mmacs"], ".1f"),
              _num(r["speed_vs_stem_baseline"]), _num(r["val_top1"]),
@@ -116,8 +128,7 @@ def scratch_md(S: dict[str, Any]) -> str:
     pooled = S["pooled"]
     note = (f"\n\nDifferences: test top-1 points, 95% interval of a paired bootstrap over the test images "
             f"combined with the seed spread (pooled seed std {pooled['from-scratch']:.2f}"
-            + ("" if pooled["from-scratch-own"] == pooled["from-scratch"]
-               else ", borrowed from the fine-tunes")
+            + _pooled_source(pooled)
             + "). Images/s: ratio to the stem baseline in the study's speed run.\n")
     return table(["arm", "point", "spec", "seeds", "MMACs", "images/s vs stem baseline", "val top-1",
                   "test top-1", "vs EViT", "vs stem baseline"], rows) + note

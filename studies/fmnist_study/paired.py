@@ -9,10 +9,11 @@ and two sources of noise are added:
 - **images**: the test images are a sample. A paired bootstrap resamples the images (2,000
   times, the same resample for every vector, so what the arms share cancels) and gives the
   standard error of the whole difference.
-- **seeds**: training is random. Each point with several seeds contributes
-  ``(weight * s)^2 / n`` (``s`` its sample std of test top-1 over seeds, ``n`` its seeds); a point
-  with one seed borrows ``pooled``, the pooled seed std of comparable points. Off-the-shelf rows
-  share one set of weights: no seed term.
+- **seeds**: training is random. Each point contributes ``(weight * s)^2 / n`` (``n`` its
+  seeds): ``s`` is its own sample std of test top-1 over seeds when it has at least
+  ``MIN_OWN_SEEDS``, else ``pooled``, the pooled seed std of comparable points (the std of two
+  seeds rests on one degree of freedom: it can be near zero by chance and would then narrow the
+  interval on no evidence). Off-the-shelf rows share one set of weights: no seed term.
 
 The interval is ``d +- 1.96 * sqrt(se_images^2 + se_seeds^2)``; a verdict "agrees" needs it to
 exclude zero (docs/study.md).
@@ -29,6 +30,10 @@ import torch
 
 RESAMPLES = 2000
 Z95 = 1.959964
+#: Seeds a point needs before its own seed std is used instead of the pooled one.
+MIN_OWN_SEEDS = 3
+#: Degrees of freedom a protocol's own pooled seed std needs before it replaces the study-wide one.
+MIN_POOLED_DOF = 3
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,7 @@ class Term:
         if not self.seeded:
             return 0.0
         accs = [100 * float(v.mean()) for v in self.vectors]
-        s = statistics.stdev(accs) if len(accs) > 1 else pooled
+        s = statistics.stdev(accs) if len(accs) >= MIN_OWN_SEEDS else pooled
         return (self.weight * s) ** 2 / len(accs)
 
 
@@ -89,8 +94,13 @@ def describe(p: dict[str, float]) -> str:
 def pooled_std(groups: list[list[float]]) -> float:
     """Pooled sample std over groups of seed accuracies (groups of one seed add nothing)."""
     num = sum(statistics.variance(g) * (len(g) - 1) for g in groups if len(g) > 1)
-    dof = sum(len(g) - 1 for g in groups if len(g) > 1)
+    dof = pooled_dof(groups)
     return math.sqrt(num / dof) if dof else math.nan
+
+
+def pooled_dof(groups: list[list[float]]) -> int:
+    """Degrees of freedom of :func:`pooled_std` over ``groups``."""
+    return sum(len(g) - 1 for g in groups if len(g) > 1)
 
 
 @torch.inference_mode()

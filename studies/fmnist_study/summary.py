@@ -9,7 +9,7 @@ from typing import Any
 
 from .claims import compute_claims, paired_groups
 from .config import StudyConfig
-from .paired import pooled_std
+from .paired import MIN_POOLED_DOF, pooled_dof, pooled_std
 from .registry import Row, retune_candidates, tuning_candidates
 from .report import curves, group_stats, matched, row_table
 
@@ -116,15 +116,18 @@ def _speed_note(speed: dict[str, Any] | None, noise: float) -> str:
 
 
 def pooled_seed_std(table: list[dict[str, Any]]) -> dict[str, float]:
-    """Pooled seed std of test top-1 per protocol (fine-tuned points and controls; from scratch,
-    which borrows the fine-tuned value until one of its arms has two seeds)."""
+    """Pooled seed std of test top-1 per protocol: fine-tuned points and controls; from scratch,
+    its own once it rests on ``MIN_POOLED_DOF`` degrees of freedom, before that the pooled std
+    over every seeded group of the study (from-scratch groups included)."""
     groups: dict[tuple, list[float]] = {}
     for t in table:
         groups.setdefault((t["kind"], t["group"], t["point"]), []).append(t["test_top1"])
-    ft = pooled_std([v for k, v in groups.items() if k[0] in ("fine-tuned", "control")])
-    scratch = pooled_std([v for k, v in groups.items() if k[0] == "from-scratch"])
-    return {"fine-tuned": ft, "from-scratch": ft if math.isnan(scratch) else scratch,
-            "from-scratch-own": scratch}
+    ft_groups = [v for k, v in groups.items() if k[0] in ("fine-tuned", "control")]
+    scratch_groups = [v for k, v in groups.items() if k[0] == "from-scratch"]
+    ft, scratch = pooled_std(ft_groups), pooled_std(scratch_groups)
+    own = pooled_dof(scratch_groups) >= MIN_POOLED_DOF
+    return {"fine-tuned": ft, "from-scratch": scratch if own else pooled_std(ft_groups + scratch_groups),
+            "from-scratch-own": scratch, "from-scratch-dof": pooled_dof(scratch_groups)}
 
 
 #: The from-scratch table's label of ImagePiece's stem control (first-round knobs).
