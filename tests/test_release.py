@@ -134,3 +134,25 @@ def test_eval_help_states_the_batch_eval_uses(tmp_path, monkeypatch):
     assert os.path.isfile(os.path.join(os.path.dirname(os.path.dirname(imagepiece.__file__)), cited.group(1)))
     res = CliRunner().invoke(app, ["eval", "-b", "0", "--max-images", "8"])
     assert res.exit_code == 2 and "batch_size=0" in res.output
+
+
+def _markdown_files() -> list[str]:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    docs = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(root, "docs"))
+            for f in fs if f.endswith(".md")]
+    return [os.path.join(root, "README.md"), *sorted(docs)]
+
+
+@pytest.mark.parametrize("path", _markdown_files(), ids=os.path.basename)
+def test_markdown_code_blocks_are_closed(path):
+    """Catches: a code fence left open, which turns every section after it into code (the
+    README's study commands once swallowed its API reference, citation and license)."""
+    inside, opened = False, 0
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.lstrip().startswith("```"):
+                inside, opened = not inside, number
+            elif inside and line.startswith("## "):
+                pytest.fail(f"{path}:{number}: heading {line.strip()!r} inside the code block "
+                            f"opened at line {opened}")
+    assert not inside, f"{path}: the code block opened at line {opened} is never closed"
