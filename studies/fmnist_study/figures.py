@@ -112,7 +112,7 @@ def _interval(r: dict[str, Any], name: str) -> str:
 def _pooled_source(pooled: dict[str, float]) -> str:
     """Where the from-scratch pooled seed std comes from, for the table's note."""
     dof = int(pooled.get("from-scratch-dof", 0))
-    if pooled["from-scratch-own"] == pooled["from-scratch"]:
+    if dof >= MIN_POOLED_DOF:
         return f", from the from-scratch arms' own seeds ({dof} degrees of freedom)"
     return (f", pooled over every seeded group of the study: the from-scratch arms' own seeds give "
             f"{dof} of the {MIN_POOLED_DOF} degrees of freedom needed to use them alone"

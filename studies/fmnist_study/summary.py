@@ -124,10 +124,9 @@ def pooled_seed_std(table: list[dict[str, Any]]) -> dict[str, float]:
         groups.setdefault((t["kind"], t["group"], t["point"]), []).append(t["test_top1"])
     ft_groups = [v for k, v in groups.items() if k[0] in ("fine-tuned", "control")]
     scratch_groups = [v for k, v in groups.items() if k[0] == "from-scratch"]
-    ft, scratch = pooled_std(ft_groups), pooled_std(scratch_groups)
-    own = pooled_dof(scratch_groups) >= MIN_POOLED_DOF
-    return {"fine-tuned": ft, "from-scratch": scratch if own else pooled_std(ft_groups + scratch_groups),
-            "from-scratch-own": scratch, "from-scratch-dof": pooled_dof(scratch_groups)}
+    ft, scratch, dof = pooled_std(ft_groups), pooled_std(scratch_groups), pooled_dof(scratch_groups)
+    used = scratch if dof >= MIN_POOLED_DOF else pooled_std(ft_groups + scratch_groups)
+    return {"fine-tuned": ft, "from-scratch": used, "from-scratch-own": scratch, "from-scratch-dof": dof}
 
 
 #: The from-scratch table's label of ImagePiece's stem control (first-round knobs).
