@@ -13,7 +13,7 @@ from imagepiece.cli import app
 from imagepiece.data import DataError, FashionMNIST, build_dataset
 from imagepiece.evaluate import evaluate_model, make_eval_loader
 
-NAMES = ("baseline", "tome", "evit", "imagepiece")
+NAMES = ("baseline", "tome", "evit", "imagepiece", "stem-baseline", "stem-tome", "stem-evit", "stem-imagepiece")
 
 
 def test_every_method_ships_small_with_its_card():
@@ -49,6 +49,11 @@ def test_unknown_or_missing_shipped_model(tmp_path, monkeypatch):
     (tmp_path / "models.json").write_text("{not json")
     with pytest.raises(zoo.ZooError, match="unreadable"):
         zoo.shipped_models(str(tmp_path))
+    card = dict(name="a", file="a.safetensors", model="vit_tiny_patch16_224", model_kwargs={}, method="none",
+                reference="gone")
+    (tmp_path / "models.json").write_text(json.dumps({"models": [card]}))
+    with pytest.raises(zoo.ZooError, match=r"unknown reference model\(s\) \['gone'\]"):
+        zoo.shipped_models(str(tmp_path))
 
 
 def test_default_fashion_root_falls_back_to_the_packaged_test_split(tmp_path, monkeypatch):
@@ -68,9 +73,28 @@ def test_eval_with_no_model_evaluates_the_shipped_models(tmp_path, monkeypatch):
     result = json.loads(out.read_text())
     assert result["images"] == 256 and [r["model"] for r in result["results"]] == list(NAMES)
     rows = {r["model"]: r for r in result["results"]}
-    assert rows["baseline"]["speedup"] == 1.0
-    for name in NAMES[1:]:
-        assert rows[name]["gmacs"] < rows["baseline"]["gmacs"]  # every plan cuts compute
+    # Each set's speed-ups divide by its own unreduced model, trained the same way.
+    assert rows["baseline"]["speedup"] == rows["stem-baseline"]["speedup"] == 1.0
+    for name in NAMES:
+        ref = "stem-baseline" if name.startswith("stem-") else "baseline"
+        assert rows[name]["reference"] == ref
+        assert rows[name]["speedup"] == pytest.approx(rows[name]["images_per_s"] / rows[ref]["images_per_s"])
+        if name != ref:
+            assert rows[name]["gmacs"] < rows[ref]["gmacs"]  # every plan cuts compute
+    assert "speed-up over stem-baseline" in res.output
+
+
+def test_the_stem_set_is_trained_from_scratch_with_the_stem_and_beats_the_plain_baseline():
+    """The paper's protocol shipped: coherence stem, trained from scratch, seed 0; each reduced stem
+    model is cheaper than the plain shipped baseline and more accurate on its card."""
+    models = zoo.shipped_models()
+    for name in NAMES[4:]:
+        m = models[name]
+        assert m.model_kwargs["coherence"] == "stem" and m.card["trained"] == "from-scratch"
+        assert m.card["seed"] == 0 and m.reference == "stem-baseline"
+        if name != "stem-baseline":
+            assert m.card["gmacs"] < models["baseline"].card["gmacs"]
+            assert m.card["test_top1"] > models["baseline"].card["test_top1"]
 
 
 def test_visualize_with_no_model_uses_the_shipped_imagepiece(tmp_path):

@@ -323,8 +323,9 @@ def eval_(
     prepared the way the model expects (its run, card, preprocessor config or timm data config).
 
     With no --model and no --checkpoint: the models shipped with imagepiece (baseline, ToMe,
-    EViT, ImagePiece trained on Fashion-MNIST) on the Fashion-MNIST test split, offline; with
-    --method and no model: the shipped baseline under those plans."""
+    EViT, ImagePiece trained on Fashion-MNIST, fine-tuned and from scratch with the coherence
+    stem) on the Fashion-MNIST test split, offline; with --method and no model: the shipped
+    baseline under those plans."""
     import torch
 
     from . import evaluate as E
@@ -395,7 +396,7 @@ def tune(
     model: str = typer.Option("shipped:baseline", "--model", "-m",
                               help="A timm name (with --checkpoint or --pretrained), a transformers "
                                    "save_pretrained folder, or shipped:NAME (baseline, tome, evit, "
-                                   "imagepiece)."),
+                                   "imagepiece; stem-baseline, stem-tome, stem-evit, stem-imagepiece)."),
     checkpoint: str = typer.Option(None, "--checkpoint", help="Weights of a timm model (.safetensors, "
                                    ".pth)."),
     pretrained: bool = typer.Option(False, "--pretrained", help="timm's pretrained weights."),

@@ -37,6 +37,11 @@ class ShippedModel:
         return os.path.join(ASSET_DIR, self.file)
 
     @property
+    def reference(self) -> str:
+        """The unreduced model of this model's set, trained the same way: its speed-ups divide by it."""
+        return str(self.card.get("reference", "baseline"))
+
+    @property
     def img_size(self) -> int:
         """The square input size the model was trained at (Fashion-MNIST upscaled or native)."""
         return int(self.model_kwargs.get("img_size", self.card.get("img_size", 32)))
@@ -61,8 +66,12 @@ def shipped_models(asset_dir: str = ASSET_DIR) -> dict[str, ShippedModel]:
             cards = json.load(f)["models"]
     except (OSError, ValueError, KeyError) as e:
         raise ZooError(f"shipped model card {path!r} is unreadable: {e}") from None
-    return {c["name"]: ShippedModel(c["name"], c["file"], c["model"], dict(c["model_kwargs"]), c["method"], c)
-            for c in cards}
+    models = {c["name"]: ShippedModel(c["name"], c["file"], c["model"], dict(c["model_kwargs"]), c["method"], c)
+              for c in cards}
+    unknown = sorted({m.reference for m in models.values()} - set(models))
+    if unknown:
+        raise ZooError(f"shipped model card {path!r} names unknown reference model(s) {unknown}")
+    return models
 
 
 def load_shipped(name: str = "imagepiece", patched: bool = True) -> nn.Module:
