@@ -169,9 +169,9 @@ def test_shipped_table_fits_80_columns():
     from imagepiece.evaluate import render_shipped
 
     rows = [dict(model=m, method=spec, top1=90.123, top5=99.9, card_top1=90.1, gmacs=0.0226,
-                 images_per_s=1715.2, speedup=1.0)
-            for m, spec in [("baseline", "none"),
-                            ("imagepiece", "imagepiece:merge_share=0.25,locality=0.1,budget=compound")]]
+                 images_per_s=1715.2, speedup=1.0, reference="stem-baseline")
+            for m, spec in [("stem-baseline", "none"),
+                            ("stem-imagepiece", "imagepiece:merge_share=0.25,locality=0.1,budget=compound")]]
     result = dict(split="test", images=10000, source="Debian package dataset-fashion-mnist",
                   root="/usr/share/datasets/fashion-mnist", results=rows, device="cpu", threads=2,
                   batch=256)
@@ -181,6 +181,7 @@ def test_shipped_table_fits_80_columns():
     assert all(len(line) <= 80 for line in lines)
     assert sum(line.startswith("│ ") for line in lines) == 2  # one line per model
     assert any("budget=compound" in line for line in lines)
+    assert "over stem-baseline for stem-baseline, stem-imagepiece" in " ".join(out.getvalue().split())
 
 
 # --------------------------------------------------------------------------------------

@@ -189,61 +189,88 @@ def evaluate_plans(cfg: EvalConfig, progress: Any = None) -> dict[str, Any]:
     interleaved in a new random order per round after untimed warm-up rounds (as ``bench``
     does), so no plan pays the one-time costs.
     """
-    import copy
-
-    from .coherence import coherence_mode
-    from .data import num_classes_of
     from .distributed import setup_distributed
 
     check_config(cfg)
-    run, model_name = _model_name(cfg)
-    parsed = [(spec, parse_method(spec)[0]) for spec in cfg.methods]
-    saved = run.get("config") or {}
-    shipped = model_name.startswith(SHIPPED_PREFIX)  # trained on Fashion-MNIST: its data by default
-    dataset = cfg.dataset or saved.get("dataset") or ("fashion-mnist" if shipped else "imagefolder")
-    data_root = cfg.data_root or (saved.get("data_root") if dataset == saved.get("dataset") else None)
+    methods = [(spec, parse_method(spec)[0]) for spec in cfg.methods]  # every spec checked first
     joined = dist.is_available() and dist.is_initialized()
     info = setup_distributed(cfg.device)
+    setup = _open_for_eval(cfg)
+    loader = make_eval_loader(setup.data, cfg.batch_size, cfg.workers, info.rank, info.world_size,
+                              info.device.type == "cuda")
+    rows = _score_plans(cfg, setup, loader, info, progress)
+    if info.distributed and not joined:
+        dist.destroy_process_group()
+    base_speed = rows[0]["images_per_s"] if methods[0][1] == "none" else None
+    for row in rows:
+        row["speedup"] = row["images_per_s"] / base_speed if base_speed else None
+    return {"model": setup.name, "weights": setup.opened.weights, "dataset": setup.dataset,
+            "split": cfg.split, "folder": getattr(getattr(setup.data, "dataset", setup.data), "root", None),
+            "images": rows[0]["images"], "img_size": setup.prep.img_size,
+            "preprocessing": setup.prep.summary(),
+            "device": str(info.device), "world_size": info.world_size, "rank": info.rank,
+            "config": asdict(cfg), "results": rows}
+
+
+@dataclass(frozen=True)
+class _EvalSetup:
+    """What one ``eval`` call scores: the opened model, its preprocessing and the images."""
+
+    name: str
+    dataset: str
+    opened: OpenedModel
+    prep: Any
+    data: Dataset
+    own_plan: bool  # the model carries ImagePiece's coherence bias: it keeps it under every plan
+
+
+def _open_for_eval(cfg: EvalConfig) -> _EvalSetup:
+    """The model of ``cfg`` and its split, prepared the way the model expects; a model whose class
+    count is not the data's is refused."""
+    from .coherence import coherence_mode
+    from .data import num_classes_of
+
+    run, name = _model_name(cfg)
+    saved = run.get("config") or {}
+    shipped = name.startswith(SHIPPED_PREFIX)  # trained on Fashion-MNIST: its data by default
+    dataset = cfg.dataset or saved.get("dataset") or ("fashion-mnist" if shipped else "imagefolder")
+    data_root = cfg.data_root or (saved.get("data_root") if dataset == saved.get("dataset") else None)
     classes = _first(cfg.num_classes, run.get("num_classes"))
-    if classes is None and not _brings_weights(cfg, model_name):  # random weights: the data's classes
+    if classes is None and not _brings_weights(cfg, name):  # random weights: the data's classes
         classes = num_classes_of(_eval_dataset(cfg, dataset, data_root, None, 10))
-    opened = _eval_model(cfg, model_name, run, dataset, classes or 10)
-    base, weights = opened.model, opened.weights
-    prep = _preprocessing(cfg, base, opened.folder, run, model_name)
-    outputs = num_outputs(base)
+    opened = _eval_model(cfg, name, run, dataset, classes or 10)
+    prep = _preprocessing(cfg, opened.model, opened.folder, run, name)
+    outputs = num_outputs(opened.model)
     ds = _eval_dataset(cfg, dataset, data_root, prep, outputs)
     if num_classes_of(ds) != outputs:
         raise EvalError(f"the model has {outputs} classes but {dataset}/{cfg.split} has "
                         f"{num_classes_of(ds)}; evaluate it on data of its own classes (or give "
                         "--num-classes for random weights)")
-    ds = first_images(ds, cfg.max_images)
-    # A model built with the coherence bias keeps it under every plan, "none" included.
-    own_plan = model_name.startswith("imagepiece_") or coherence_mode(base) is not None
-    loader = make_eval_loader(ds, cfg.batch_size, cfg.workers, info.rank, info.world_size,
-                              info.device.type == "cuda")
+    own_plan = name.startswith("imagepiece_") or coherence_mode(opened.model) is not None
+    return _EvalSetup(name, dataset, opened, prep, first_images(ds, cfg.max_images), own_plan)
+
+
+def _score_plans(cfg: EvalConfig, setup: _EvalSetup, loader: DataLoader, info: Any, progress: Any
+                 ) -> list[dict[str, Any]]:
+    """One row per plan: accuracy over the whole split, then images/s timed interleaved."""
+    import copy
+
     models, rows = {}, []
-    for i, (spec, _) in enumerate(parsed):
+    for i, spec in enumerate(cfg.methods):
         # Each plan gets its own copy of the same weights, for the interleaved timing.
-        models[spec] = _under_method(copy.deepcopy(base), spec, own_plan).to(info.device).eval()
+        models[spec] = _under_method(copy.deepcopy(setup.opened.model), spec, setup.own_plan
+                                     ).to(info.device).eval()
         result = evaluate_model(models[spec], loader, info.device, cfg.amp, info.world_size)
         result.pop("images_per_s")  # the accuracy pass is not a fair timing: see _time_plans
         rows.append({"method": spec, **result})
         if progress is not None:
-            progress(i + 1, len(parsed) + 1, spec)
+            progress(i + 1, len(cfg.methods) + 1, spec)
     speeds = _time_plans(models, loader, cfg, info)
     if progress is not None:
-        progress(len(parsed) + 1, len(parsed) + 1, "images/s")
-    if info.distributed and not joined:
-        dist.destroy_process_group()
-    base_speed = speeds.get(parsed[0][0]) if parsed[0][1] == "none" else None
+        progress(len(cfg.methods) + 1, len(cfg.methods) + 1, "images/s")
     for row in rows:
         row["images_per_s"] = speeds.get(row["method"], float("nan"))
-        row["speedup"] = row["images_per_s"] / base_speed if base_speed else None
-    return {"model": model_name, "weights": weights, "dataset": dataset, "split": cfg.split,
-            "folder": getattr(getattr(ds, "dataset", ds), "root", None),
-            "images": rows[0]["images"], "img_size": prep.img_size, "preprocessing": prep.summary(),
-            "device": str(info.device), "world_size": info.world_size, "rank": info.rank,
-            "config": asdict(cfg), "results": rows}
+    return rows
 
 
 def _model_name(cfg: EvalConfig) -> tuple[dict[str, Any], str]:
@@ -459,9 +486,13 @@ def render_shipped(result: dict[str, Any], console: Any = None) -> None:
                       f"{r['speedup']:.2f}x")
     console.print(table)
     for r in result["results"]:
-        console.print(f"  {r['model']}: {r['method']} (speed-up over {r['reference']})", soft_wrap=True)
+        console.print(f"  {r['model']}: {r['method']}", soft_wrap=True)
+    sets: dict[str, list[str]] = {}
+    for r in result["results"]:
+        sets.setdefault(r["reference"], []).append(r["model"])
+    over = "; ".join(f"over {ref} for {', '.join(names)}" for ref, names in sets.items())
     console.print(f"{result['device']}, {result['threads']} threads, batch {result['batch']}; images/s "
                   "interleaved in this run (ratios count, absolute numbers depend on the machine); "
-                  "speed-up: images/s over the unreduced model trained the same way. "
+                  f"speed-up: images/s over the unreduced model trained the same way ({over}). "
                   "card: top-1 on the full test split recorded in the model card shipped with "
                   "imagepiece (imagepiece/assets/models/models.json).")

@@ -66,8 +66,8 @@ def shipped_models(asset_dir: str = ASSET_DIR) -> dict[str, ShippedModel]:
             cards = json.load(f)["models"]
     except (OSError, ValueError, KeyError) as e:
         raise ZooError(f"shipped model card {path!r} is unreadable: {e}") from None
-    models = {c["name"]: ShippedModel(c["name"], c["file"], c["model"], dict(c["model_kwargs"]), c["method"], c)
-              for c in cards}
+    models = {c["name"]: ShippedModel(c["name"], c["file"], c["model"], dict(c["model_kwargs"]),
+                                      c["method"], c) for c in cards}
     unknown = sorted({m.reference for m in models.values()} - set(models))
     if unknown:
         raise ZooError(f"shipped model card {path!r} names unknown reference model(s) {unknown}")

@@ -39,8 +39,8 @@ def export(study: Study, asset_dir: str) -> list[dict[str, Any]]:
     missing = [label for _, label, _ in SHIPPED if label not in evals]
     if missing:
         raise StudyError(f"cannot export: rows {missing} are not finished")
-    cards = [dict(_write(study, name, by_row[label], by_run[by_row[label].run], evals[label], speed, asset_dir),
-                  reference=reference) for name, label, reference in SHIPPED]
+    cards = [dict(_write(study, name, by_row[label], by_run[by_row[label].run], evals[label], speed,
+                         asset_dir), reference=reference) for name, label, reference in SHIPPED]
     write_json(os.path.join(asset_dir, "models.json"),
                {"dataset": "fashion-mnist", "img_size": study.cfg.img_size, "models": cards})
     study.log(f"exported {len(cards)} models to {asset_dir}")
