@@ -18,6 +18,7 @@ from imagepiece.data import (
     TransformConfig,
     build_dataset,
     build_transform,
+    count_classes,
     fashion_val_count,
     read_idx,
 )
@@ -177,6 +178,29 @@ def test_imagefolder_layout(tmp_path):
     assert len(train) == 4 and len(val) == 2 and train.classes == ["cat", "dog"]
     x, y = val[1]
     assert x.shape == (3, 16, 16) and y == 1
+
+
+def test_count_classes_agrees_with_the_built_dataset_without_reading_images(tmp_path, monkeypatch):
+    image_tree(tmp_path / "train")
+    image_tree(tmp_path / "train" / "emu", classes=("a",))  # a class folder with sub-folders counts once
+    built = {kind: build_dataset(kind, str(tmp_path) if kind == "imagefolder" else None, "test" if kind
+                                 == "fashion-mnist" else "train", img_size=8, num_classes=7)
+             for kind in ("imagefolder", "fashion-mnist", "synthetic")}
+    import imagepiece.data as D
+
+    monkeypatch.setattr(D, "ImageFolderDataset", None)  # counting must not build (scan every file of) it
+    monkeypatch.setattr(D, "FashionMNIST", None)
+    for kind, ds in built.items():
+        split = "test" if kind == "fashion-mnist" else "train"
+        root = str(tmp_path) if kind == "imagefolder" else None
+        assert count_classes(kind, root, split, num_classes=7) == len(ds.classes), kind
+    assert count_classes("imagefolder", str(tmp_path), "train") == 3
+    with pytest.raises(DataError, match="needs a root folder"):
+        count_classes("imagefolder", None, "train")
+    with pytest.raises(DataError, match="no 'val' split"):
+        count_classes("imagefolder", str(tmp_path), "val")
+    with pytest.raises(DataError, match="dataset kind 'coco'; allowed"):
+        count_classes("coco")
 
 
 def test_imagefolder_errors(tmp_path):

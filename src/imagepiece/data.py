@@ -27,6 +27,7 @@ __all__ = [
     "SyntheticDataset",
     "TransformConfig",
     "build_dataset",
+    "count_classes",
     "build_transform",
     "read_idx",
 ]
@@ -430,9 +431,30 @@ def build_dataset(kind: str, root: str | None = None, split: str = "train", img_
         length = length if length is not None else (512 if split == "train" else 128)  # 0 is refused
         offset = 0 if split == "train" else 1_000_003
         return SyntheticDataset(length, num_classes, img_size, seed, tf, offset=offset)
+    return ImageFolderDataset(_folder_split(root, split), tf, class_to_idx, strict)
+
+
+def _folder_split(root: str | None, split: str) -> str:
     if not root:
         raise DataError("dataset kind 'imagefolder' needs a root folder (with train/ and val/)")
-    return ImageFolderDataset(split_dir(os.fspath(root), split), tf, class_to_idx, strict)
+    return split_dir(os.fspath(root), split)
+
+
+def count_classes(kind: str, root: str | None = None, split: str = "train", num_classes: int = 10) -> int:
+    """The number of classes ``build_dataset(kind, root, split, num_classes=num_classes)`` has,
+    without reading an image: an image folder's class folders are only listed (building the
+    dataset lists and checks every file, which a model sized to the data need not wait for)."""
+    if kind not in DATASET_KINDS:
+        raise DataError(f"dataset kind {kind!r}; allowed: {', '.join(DATASET_KINDS)}")
+    if kind == "fashion-mnist":
+        return len(FASHION_CLASSES)
+    if kind == "synthetic":
+        return num_classes
+    folder = _folder_split(root, split)
+    try:
+        return sum(e.is_dir() for e in os.scandir(folder))
+    except OSError as e:
+        raise DataError(f"image folder {folder!r} cannot be listed: {e.strerror or e}") from None
 
 
 def num_classes_of(ds: Dataset) -> int:

@@ -228,7 +228,7 @@ def _open_for_eval(cfg: EvalConfig) -> _EvalSetup:
     """The model of ``cfg`` and its split, prepared the way the model expects; a model whose class
     count is not the data's is refused."""
     from .coherence import coherence_mode
-    from .data import num_classes_of
+    from .data import count_classes, num_classes_of
 
     run, name = _model_name(cfg)
     saved = run.get("config") or {}
@@ -237,7 +237,7 @@ def _open_for_eval(cfg: EvalConfig) -> _EvalSetup:
     data_root = cfg.data_root or (saved.get("data_root") if dataset == saved.get("dataset") else None)
     classes = _first(cfg.num_classes, run.get("num_classes"))
     if classes is None and not _brings_weights(cfg, name):  # random weights: the data's classes
-        classes = num_classes_of(_eval_dataset(cfg, dataset, data_root, None, 10))
+        classes = count_classes(dataset, data_root, cfg.split)
     opened = _eval_model(cfg, name, run, dataset, classes or 10)
     prep = _preprocessing(cfg, opened.model, opened.folder, run, name)
     outputs = num_outputs(opened.model)
@@ -310,12 +310,10 @@ def _preprocessing(cfg: EvalConfig, model: nn.Module, folder: str | None, run: d
 
 def _eval_dataset(cfg: EvalConfig, dataset: str, data_root: str | None, prep: Any,
                   synthetic_classes: int) -> Dataset:
-    """The split to evaluate, prepared with ``prep`` (None: only to count its classes);
-    synthetic data gets the model's class count."""
-    from .data import TransformConfig, build_dataset
+    """The split to evaluate, prepared with ``prep``; synthetic data gets the model's class count."""
+    from .data import build_dataset
 
-    tcfg = prep.transform_config() if prep is not None else TransformConfig()
-    size = prep.img_size if prep is not None else 32
+    tcfg, size = prep.transform_config(), prep.img_size
     try:
         return build_dataset(dataset, data_root, cfg.split, size, train_transform=False, transform_cfg=tcfg,
                              num_classes=synthetic_classes, length=cfg.data_length, seed=cfg.seed)
