@@ -430,3 +430,29 @@ def test_scratch_table_pairs_arms_and_stands_in_the_imagepiece_stem_control():
     table.append(rec("from-scratch", "imagepiece", "hyper", "from-scratch/imagepiece/hyper/s0", 88.0))
     vectors["from-scratch/imagepiece/hyper/s0"] = rng.random(2000) < 0.88
     assert STEM_CONTROL not in [r["arm"] for r in scratch_table(S)]
+
+
+def test_the_study_page_carries_the_committed_tables_and_sync_replaces_only_marked_blocks(tmp_path):
+    """docs/study.md's generated tables are tables.md's (a page behind the results fails here;
+    fix: python studies/fashion_mnist_tables.py --sync docs/study.md); --sync rewrites only the
+    marked blocks and refuses a title tables.md lacks, writing nothing."""
+    import fashion_mnist_tables as T
+
+    root = os.path.dirname(STUDIES)
+    assert T.main([os.path.join(root, "results/fashion_mnist/cpu"), "--check",
+                   os.path.join(root, "docs/study.md")]) == 0
+    tables = "### A\n\nprose\n\n| x |\n| --- |\n| 1 |\n\n| second |\n\n### B\n| y |\n| 2 |\n"
+    (tmp_path / "tables.md").write_text(tables)
+    page = ("intro\n<!-- tables.md: A -->\n| old |\n<!-- /tables.md -->\nmiddle | not a table\n"
+            "<!-- tables.md: B -->\n<!-- /tables.md -->\nend\n")
+    (tmp_path / "page.md").write_text(page)
+    assert T.main([str(tmp_path), "--check", str(tmp_path / "page.md")]) == 1
+    assert T.main([str(tmp_path), "--sync", str(tmp_path / "page.md")]) == 0
+    assert (tmp_path / "page.md").read_text() == (
+        "intro\n<!-- tables.md: A -->\n| x |\n| --- |\n| 1 |\n<!-- /tables.md -->\nmiddle | not a table\n"
+        "<!-- tables.md: B -->\n| y |\n| 2 |\n<!-- /tables.md -->\nend\n")
+    bad = page.replace("tables.md: B", "tables.md: C")
+    (tmp_path / "page.md").write_text(bad)
+    with pytest.raises(T.TablesError, match=r"names table\(s\) \['C'\] that tables.md does not have"):
+        T.main([str(tmp_path), "--sync", str(tmp_path / "page.md")])
+    assert (tmp_path / "page.md").read_text() == bad
