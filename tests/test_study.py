@@ -341,7 +341,7 @@ def test_finished_steps_are_skipped_and_changed_ones_redone(tmp_path, points_cac
 # every stage of the study still runs end to end.
 def test_whole_study_end_to_end_on_smoke(tmp_path, points_cache, threads, capsys):
     """Every stage on the smoke configuration; a second call does nothing; --only redoes one
-    row; --plan then has nothing left; --export writes four cards (into tmp_path only)."""
+    row; --plan then has nothing left; --export writes eight cards (into tmp_path only)."""
     data = tiny_fashion(str(tmp_path / "data"))
     shutil.copytree(points_cache, tmp_path / "out" / "points")
     args = ["--config", "smoke", "--data", data, "--out", str(tmp_path / "out"),
@@ -371,7 +371,10 @@ def test_whole_study_end_to_end_on_smoke(tmp_path, points_cache, threads, capsys
     assets = tmp_path / "assets"
     assert fashion_mnist.main(args + ["--export", "--asset-dir", str(assets)]) == "exported"
     cards = json.load(open(assets / "models.json"))["models"]
-    assert [c["name"] for c in cards] == ["baseline", "tome", "evit", "imagepiece"]
+    assert [c["name"] for c in cards] == ["baseline", "tome", "evit", "imagepiece", "stem-baseline",
+                                          "stem-tome", "stem-evit", "stem-imagepiece"]
+    assert [c["reference"] for c in cards] == ["baseline"] * 4 + ["stem-baseline"] * 4
+    assert {c["trained"] for c in cards[4:]} == {"from-scratch"} and all(c["seed"] == 0 for c in cards)
     assert all(os.path.getsize(assets / c["file"]) < 5 * 2**20 for c in cards)
 
 
