@@ -26,6 +26,10 @@ import os
 import re
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from fmnist_study.store import write_text  # noqa: E402
+
 BLOCK = re.compile(r"(<!-- tables\.md: (?P<title>.+?) -->\n)(?P<body>.*?)(<!-- /tables\.md -->)", re.S)
 
 
@@ -81,13 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{path}: {'behind tables.md (run --sync)' if behind else 'in sync with tables.md'}")
         return 1 if behind else 0
     if new != page:
-        from imagepiece.checkpoint import atomic_write
-
-        def write(tmp: str) -> None:
-            with open(tmp, "w") as f:
-                f.write(new)
-
-        atomic_write(path, write)
+        write_text(path, new)
     print(f"{path}: {len(BLOCK.findall(new))} tables synced from {a.folder}/tables.md")
     return 0
 

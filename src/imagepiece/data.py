@@ -418,8 +418,7 @@ def build_dataset(kind: str, root: str | None = None, split: str = "train", img_
     the eval transform. ``root`` is the ImageNet-style root with train/ and val/ (or a split
     folder itself), or the folder holding the Fashion-MNIST IDX files; synthetic data needs none.
     """
-    if kind not in DATASET_KINDS:
-        raise DataError(f"dataset kind {kind!r}; allowed: {', '.join(DATASET_KINDS)}")
+    _check_kind(kind)
     if split not in SPLITS:
         raise DataError(f"split={split!r}; allowed: {', '.join(SPLITS)}")
     is_training = split == "train" if train_transform is None else train_transform
@@ -434,6 +433,11 @@ def build_dataset(kind: str, root: str | None = None, split: str = "train", img_
     return ImageFolderDataset(_folder_split(root, split), tf, class_to_idx, strict)
 
 
+def _check_kind(kind: str) -> None:
+    if kind not in DATASET_KINDS:
+        raise DataError(f"dataset kind {kind!r}; allowed: {', '.join(DATASET_KINDS)}")
+
+
 def _folder_split(root: str | None, split: str) -> str:
     if not root:
         raise DataError("dataset kind 'imagefolder' needs a root folder (with train/ and val/)")
@@ -444,8 +448,7 @@ def count_classes(kind: str, root: str | None = None, split: str = "train", num_
     """The number of classes ``build_dataset(kind, root, split, num_classes=num_classes)`` has,
     without reading an image: an image folder's class folders are only listed (building the
     dataset lists and checks every file, which a model sized to the data need not wait for)."""
-    if kind not in DATASET_KINDS:
-        raise DataError(f"dataset kind {kind!r}; allowed: {', '.join(DATASET_KINDS)}")
+    _check_kind(kind)
     if kind == "fashion-mnist":
         return len(FASHION_CLASSES)
     if kind == "synthetic":
