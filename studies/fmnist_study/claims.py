@@ -124,6 +124,8 @@ def scratch_claims(S: dict[str, Any]) -> list[dict[str, str]]:
                 "74.5 vs 66.5 at 2.44x images/s (> 8 points)", arm("imagepiece", "hyper"),
                 arm("evit", "hyper"),
                 ("ImagePiece", "EViT"), claimed=8.0),
+        compare(S, "From scratch: ImagePiece vs ToMe at 2.5x fewer GMACs (no paper claim; stem on both)",
+                "-", arm("imagepiece", "hyper"), arm("tome", "hyper"), ("ImagePiece", "ToMe")),
         compare(S, "From scratch, Table 8: the coherence stem adds accuracy under ImagePiece",
                 "80.22 vs 79.81",
                 ip, arm("imagepiece-nostem", "k07"), ("stem", "no stem")),
