@@ -423,6 +423,12 @@ def test_scratch_table_pairs_arms_and_stands_in_the_imagepiece_stem_control():
     diff = 100 * (vectors["control/imagepiece-stem/k07"].mean() - vectors["from-scratch/evit/k07/s0"].mean())
     assert ip["vs_evit_diff"] == pytest.approx(diff) and ip["vs_evit_lo"] < diff < ip["vs_evit_hi"]
     assert rows["evit"]["vs_evit_diff"] is None and rows["evit"]["vs_stem_baseline_diff"] is not None
+    # speed against the stem baseline only for rows timed in its run (the from-scratch arms)
+    for t, sp in zip(table, (0.98, 1.2, 1.3), strict=True):
+        t["speedup"] = sp
+    rows = {r["arm"]: r for r in scratch_table(S)}
+    assert rows["evit"]["speed_vs_stem_baseline"] == pytest.approx(1.2 / 0.98)
+    assert rows[STEM_CONTROL]["speed_vs_stem_baseline"] is None
     table.append(rec("from-scratch", "imagepiece", "k07", "from-scratch/imagepiece/k07/s0", 91.0))
     vectors["from-scratch/imagepiece/k07/s0"] = vectors["control/imagepiece-stem/k07"]
     # the second round chose other knobs: the control stays, beside the arm
