@@ -441,6 +441,29 @@ def test_scratch_table_pairs_arms_and_stands_in_the_imagepiece_stem_control():
     assert STEM_CONTROL not in [r["arm"] for r in scratch_table(S)]
 
 
+def test_scratch_claims_pair_the_hyper_arms_at_their_own_point():
+    """Catches: Figure 3's from-scratch claim (or the ToMe comparison at 2.5x) reading another
+    point's arm, e.g. EViT keep 0.7 instead of EViT's hyper arm; an arm not yet trained must
+    leave its claim pending."""
+    from fmnist_study.claims import scratch_claims
+
+    def rec(group, point, acc):
+        return {"kind": "from-scratch", "group": group, "point": point, "spec": group, "gmacs": 0.01,
+                "speedup": None, "row": f"from-scratch/{group}/{point}/s0", "test_top1": acc, "val_top1": acc}
+    table = [rec("imagepiece", "hyper", 91.0), rec("evit", "hyper", 90.0), rec("evit", "k07", 93.0)]
+    vectors = {t["row"]: _vec(int(t["test_top1"] * 100)) for t in table}
+    S = {"table": table, "vectors": vectors, "pooled": {"from-scratch": 0.1, "fine-tuned": 0.1}}
+    claims = {c["claim"]: c for c in scratch_claims(S)}
+    fig3 = claims["From scratch, Figure 3: ImagePiece vs EViT at 2.5x fewer GMACs (stem on both)"]
+    assert "+1.00 [" in fig3["here"] and fig3["verdict"] == "agrees in direction, smaller"
+    tome = "From scratch: ImagePiece vs ToMe at 2.5x fewer GMACs (no paper claim; stem on both)"
+    assert claims[tome]["verdict"] == "pending"
+    table.append(rec("tome", "hyper", 91.5))
+    vectors["from-scratch/tome/hyper/s0"] = _vec(9150)
+    got = {c["claim"]: c for c in scratch_claims(S)}[tome]
+    assert "-0.50 [" in got["here"] and got["verdict"] == "disagrees"
+
+
 def test_the_study_page_carries_the_committed_tables_and_sync_replaces_only_marked_blocks(tmp_path):
     """docs/study.md's generated tables are tables.md's (a page behind the results fails here;
     fix: python studies/fashion_mnist_tables.py --sync docs/study.md); --sync rewrites only the
